@@ -1,0 +1,69 @@
+# AlexNet on ImageNet: shards -> DALI pipelines -> PyTorch. Every target installs what it needs first.
+# Variables: RAW (raw ImageNet), DATA (shard dir), RUN (run dir), CKPT (checkpoint), ARGS (--key=value ...).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON     ?= python3
+VENV       ?= .venv
+DALI_CUDA  ?= 130# 120 for clusters whose driver only supports CUDA 12
+WHEELHOUSE ?=# a folder from `make wheelhouse`: install from it with no index access
+
+SAMPLE_RAW := data/sample-raw
+RAW        ?= $(SAMPLE_RAW)
+DATA       ?= data/sample
+RUN        ?= runs/demo
+CKPT       ?= $(RUN)/checkpoint.pt
+ARGS       ?=
+
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)
+EXTRAS  := .[cuda$(DALI_CUDA),dev]
+PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
+
+.PHONY: help setup demo test sample shards verify train eval bench wheelhouse clean
+
+help:
+	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
+	@echo "make test                                   # the test suite (GPU tests skip without a GPU)"
+	@echo "make shards RAW=<imagenet dir> DATA=<shard dir> [ARGS=...]"
+	@echo "make train  DATA=<shard dir> RUN=<run dir> [ARGS='--key=value ...']"
+	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
+	@echo "make bench  DATA=<shard dir>"
+	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
+
+setup: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes: a second `make setup` is instant.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_SRC) -e "$(EXTRAS)"
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+sample: setup
+	$(PY) -m shards sample --out=$(SAMPLE_RAW)
+
+# With the default RAW the built-in sample is written first; any other RAW must exist.
+shards: setup $(if $(filter $(SAMPLE_RAW),$(RAW)),sample)
+	$(PY) -m shards build --raw=$(RAW) --out=$(DATA) $(ARGS)
+
+verify: setup
+	$(PY) -m shards verify --data=$(DATA)
+
+train: setup $(if $(filter data/sample,$(DATA)),shards)
+	$(PY) train.py --data=$(DATA) --run=$(RUN) $(ARGS)
+
+eval: setup
+	$(PY) eval.py --data=$(DATA) --checkpoint=$(CKPT) $(ARGS)
+
+bench: setup
+	$(PY) bench.py --data=$(DATA) $(ARGS)
+
+demo: setup shards
+	$(PY) train.py --data=$(DATA) --run=$(RUN) --preset=demo $(ARGS)
+	$(PY) eval.py --data=$(DATA) --checkpoint=$(RUN)/checkpoint.pt
+
+clean:
+	rm -rf $(VENV) data/sample data/sample-raw runs/demo
