@@ -4,6 +4,7 @@
     python -m shards build  --raw=<imagenet> --out=<DATA>   # shuffled 256x256 shards + manifest + statistics
     python -m shards merge  --out=<DATA>                    # after `build --task_index=i --num_tasks=n` array tasks
     python -m shards verify --data=<DATA>                   # re-read every shard against the manifest
+    python -m shards stage  --data=<DATA> --to=<local dir>  # copy shards to node-local disk, verified
 
 Each command takes --help.
 """
@@ -12,7 +13,8 @@ import sys
 
 from config import UsageError, run_main
 
-COMMANDS = {"sample": "shards.sample", "build": "shards.build", "merge": "shards.build", "verify": "shards.verify"}
+COMMANDS = {"sample": "shards.sample", "build": "shards.build", "merge": "shards.build", "verify": "shards.verify",
+            "stage": "shards.stage"}
 
 
 def main(argv: list[str]) -> None:
