@@ -8,14 +8,16 @@ VENV       ?= .venv
 DALI_CUDA  ?= 130# 120 for clusters whose driver only supports CUDA 12
 WHEELHOUSE ?=# a folder from `make wheelhouse`: install from it with no index access
 
-SAMPLE_RAW := data/sample-raw
+SAMPLE_RAW  := data/sample-raw
+SAMPLE_DATA := data/sample
 RAW        ?= $(SAMPLE_RAW)
-DATA       ?= data/sample
+DATA       ?= $(SAMPLE_DATA)
 RUN        ?= runs/demo
 CKPT       ?= $(RUN)/checkpoint.pt
 ARGS       ?=
 
 PY      := $(VENV)/bin/python
+SAMPLE_IF_DEFAULT := $(if $(filter $(SAMPLE_DATA),$(DATA)),$(SAMPLE_DATA)/manifest.json)
 STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)
 EXTRAS  := .[cuda$(DALI_CUDA),dev]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
@@ -45,23 +47,29 @@ test: setup
 sample: setup
 	$(PY) -m shards sample --out=$(SAMPLE_RAW)
 
-# With the default RAW the built-in sample is written first; any other RAW must exist.
-shards: setup $(if $(filter $(SAMPLE_RAW),$(RAW)),sample)
+shards: setup $(if $(filter $(SAMPLE_RAW),$(RAW)),$(SAMPLE_RAW)/ILSVRC2012_img_train.tar)
 	$(PY) -m shards build --raw=$(RAW) --out=$(DATA) $(ARGS)
+
+# The built-in sample as files, so that train/eval/bench with no arguments build it once, not every time.
+$(SAMPLE_RAW)/ILSVRC2012_img_train.tar: | setup
+	$(PY) -m shards sample --out=$(SAMPLE_RAW)
+
+$(SAMPLE_DATA)/manifest.json: $(SAMPLE_RAW)/ILSVRC2012_img_train.tar
+	$(PY) -m shards build --raw=$(SAMPLE_RAW) --out=$(SAMPLE_DATA)
 
 verify: setup
 	$(PY) -m shards verify --data=$(DATA)
 
-train: setup $(if $(filter data/sample,$(DATA)),shards)
+train: setup $(SAMPLE_IF_DEFAULT)
 	$(PY) train.py --data=$(DATA) --run=$(RUN) $(ARGS)
 
-eval: setup
+eval: setup $(SAMPLE_IF_DEFAULT)
 	$(PY) eval.py --data=$(DATA) --checkpoint=$(CKPT) $(ARGS)
 
-bench: setup
+bench: setup $(SAMPLE_IF_DEFAULT)
 	$(PY) bench.py --data=$(DATA) $(ARGS)
 
-demo: setup shards
+demo: setup $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(DATA) --run=$(RUN) --preset=demo $(ARGS)
 	$(PY) eval.py --data=$(DATA) --checkpoint=$(RUN)/checkpoint.pt
 
