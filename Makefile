@@ -35,6 +35,12 @@ help:
 
 setup: $(STAMP)
 
+# On a login node with internet: every wheel that `make setup` installs (for this PYTHON and DALI_CUDA, plus the
+# build backend the editable install needs) into WHEELHOUSE (default wheelhouse/). On a compute node without
+# internet, `make setup WHEELHOUSE=<that dir>` then installs from it alone.
+wheelhouse:
+	$(PYTHON) -m pip download --disable-pip-version-check --dest $(or $(WHEELHOUSE),wheelhouse) "$(EXTRAS)" "setuptools>=68" wheel
+
 # Reinstalls only when pyproject.toml changes: a second `make setup` is instant.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

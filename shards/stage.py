@@ -1,0 +1,153 @@
+"""Copy a shard directory to node-local disk, verified, so that training reads local files, not the network.
+
+    python -m shards stage --data=/scratch/$USER/imagenet-shards --to=/tmp/$USER/imagenet-shards
+
+Copies every shard of the manifest (`.tar` and `.idx`), then `stats.npz`, then `manifest.json` last: a destination
+with a manifest is complete. Each copied shard is checked against the manifest's sha256 before staging succeeds.
+A shard already at the destination that passes the same check is not copied again, so a requeued job that lands on
+the same node stages in the time it takes to read the local copies once.
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from config import UsageError, parse_config, run_main
+from shards.verify import verify_shard
+
+MANIFEST = "manifest.json"
+STATS = "stats.npz"
+GB = 1e9
+
+
+@dataclass
+class StageConfig:
+    data: str = ""  # shard directory to copy (what `make shards` wrote), usually on the parallel filesystem
+    to: str = ""  # destination on node-local disk; created if absent
+    splits: str = ""  # comma-separated splits to copy (e.g. val for an evaluation job); empty: every split
+    workers: int = 8  # files copied and checked at once (parallel streams help on Lustre/GPFS)
+
+
+def load_manifest(data: Path) -> dict:
+    path = data / MANIFEST
+    if not path.is_file():
+        raise UsageError(f"{data} is not a shard directory: no {MANIFEST} (run `make shards` first)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+
+
+def shard_entries(manifest: dict, splits: str) -> list[dict]:
+    available = manifest.get("splits", {})
+    wanted = [s for s in splits.split(",") if s] or list(available)
+    for split in wanted:
+        if split not in available:
+            raise UsageError(f"--splits: no split {split!r} in the manifest (it has {', '.join(available)})")
+    entries = [entry for split in wanted for entry in available[split]["shards"]]
+    for entry in entries:
+        file = Path(entry["file"])
+        if file.is_absolute() or ".." in file.parts:
+            raise UsageError(f"manifest lists {entry['file']!r}: shard paths must be relative to the shard directory")
+    return entries
+
+
+def shard_bytes(entry: dict, data: Path) -> int:
+    """Size of a shard and its index in `data`; a UsageError when either is missing."""
+    size = 0
+    for src in (data / entry["file"], (data / entry["file"]).with_suffix(".idx")):
+        if not src.is_file():
+            raise UsageError(f"{src} is listed in the manifest but missing: the shard directory is incomplete")
+        size += src.stat().st_size
+    return size
+
+
+def copy_atomically(src: Path, dst: Path) -> None:
+    """Copy to a temporary name and rename, so that an interrupted copy never looks like a finished one."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    if not b.is_file() or a.stat().st_size != b.stat().st_size:
+        return False
+    return a.read_bytes() == b.read_bytes()
+
+
+def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
+    """Bring one shard and its index to `to`; returns (bytes, whether anything was copied)."""
+    tar = Path(entry["file"])
+    idx = tar.with_suffix(".idx")
+    src_tar, dst_tar, src_idx, dst_idx = data / tar, to / tar, data / idx, to / idx
+    copied = False
+    if not (dst_tar.is_file() and dst_tar.stat().st_size == src_tar.stat().st_size
+            and verify_shard(dst_tar, entry) is None):
+        copy_atomically(src_tar, dst_tar)
+        problem = verify_shard(dst_tar, entry)
+        if problem is not None:
+            dst_tar.unlink(missing_ok=True)
+            raise UsageError(f"{tar} copied from {data} fails verification: {problem}")
+        copied = True
+    if not same_bytes(src_idx, dst_idx):
+        copy_atomically(src_idx, dst_idx)
+        if not same_bytes(src_idx, dst_idx):
+            raise UsageError(f"{idx} differs from {src_idx} after copying")
+        copied = True
+    return src_tar.stat().st_size + src_idx.stat().st_size, copied
+
+
+def check_space(entries: list[dict], data: Path, to: Path) -> None:
+    needed = sum(shard_bytes(e, data) for e in entries if not (to / e["file"]).is_file())
+    free = shutil.disk_usage(to).free
+    if needed > free:
+        raise UsageError(f"{to} has {free / GB:.1f} GB free, staging needs {needed / GB:.1f} GB more")
+
+
+def stage_main(argv: list[str]) -> None:
+    cfg = parse_config(StageConfig, argv, description=__doc__)
+    if not cfg.data or not cfg.to:
+        raise UsageError("both --data=<shard dir> and --to=<local dir> are required")
+    if cfg.workers < 1:
+        raise UsageError(f"--workers={cfg.workers}: expected at least 1")
+    data, to = Path(cfg.data), Path(cfg.to)
+    manifest = load_manifest(data)
+    if not (data / STATS).is_file():
+        raise UsageError(f"{data} is not a complete shard directory: no {STATS}")
+    to.mkdir(parents=True, exist_ok=True)
+    if to.resolve() == data.resolve():
+        raise UsageError(f"--to={cfg.to} is the shard directory itself")
+    entries = shard_entries(manifest, cfg.splits)
+    (to / MANIFEST).unlink(missing_ok=True)  # incomplete until every shard is in place again
+    check_space(entries, data, to)
+
+    start = time.perf_counter()
+    total = sum(shard_bytes(e, data) for e in entries)
+    copied_files = copied_bytes = 0
+    with ThreadPoolExecutor(cfg.workers) as pool, \
+            tqdm(total=total, unit="B", unit_scale=True, desc=f"stage {to}", file=sys.stderr) as bar:
+        for size, copied in pool.map(lambda e: stage_shard(e, data, to), entries):
+            copied_files += copied
+            copied_bytes += size if copied else 0
+            bar.update(size)
+    if not same_bytes(data / STATS, to / STATS):
+        copy_atomically(data / STATS, to / STATS)
+    copy_atomically(data / MANIFEST, to / MANIFEST)
+    seconds = time.perf_counter() - start
+    print(f"staged {len(entries)} shards ({total / GB:.2f} GB) to {to} in {seconds:.0f} s: "
+          f"{copied_files} copied ({copied_bytes / GB / max(seconds, 1e-9):.2f} GB/s), "
+          f"{len(entries) - copied_files} already there")
+
+
+if __name__ == "__main__":
+    run_main(stage_main)

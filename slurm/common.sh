@@ -1,0 +1,41 @@
+# shellcheck shell=bash
+# Sourced by the job scripts in slurm/: strict mode, the site's own setup, the project's virtual environment.
+# Environment (all optional):
+#   PROJECT     the checkout (default: the directory sbatch was run from)
+#   SITE_SETUP  a bash script sourced first, for what differs between clusters: `module load python/3.11 cuda`, ...
+#   VENV        the virtual environment `make setup` made (default: $PROJECT/.venv)
+set -euo pipefail
+
+PROJECT=${PROJECT:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$PROJECT"
+if [[ -n ${SITE_SETUP:-} ]]; then
+    # Module systems read unset variables, which `set -u` would turn into errors.
+    set +u
+    # shellcheck disable=SC1090  # the site's own file, unknown here
+    source "$SITE_SETUP"
+    set -u
+fi
+VENV=${VENV:-$PROJECT/.venv}
+if [[ ! -x $VENV/bin/python ]]; then
+    echo "error: no $VENV/bin/python: run \`make setup\` (without internet: \`make setup WHEELHOUSE=<dir>\`) in $PROJECT first" >&2
+    exit 2
+fi
+export PATH="$VENV/bin:$PATH"
+export PYTHONUNBUFFERED=1  # job logs show progress as it happens
+
+# Echo a command, as make does, then run it.
+run() {
+    echo "+ $*" >&2
+    "$@"
+}
+
+# Stop with a one-line error unless each named variable is set.
+require() {
+    local name
+    for name in "$@"; do
+        if [[ -z ${!name:-} ]]; then
+            echo "error: set $name (see docs/HPC.md), e.g. $name=/scratch/\$USER/... sbatch $0" >&2
+            exit 2
+        fi
+    done
+}
