@@ -1,0 +1,134 @@
+"""One source image -> the 256x256 RGB JPEG of a sample (the paper's preprocessing), detected by content.
+
+`prepare(data)` is the fast path used by the build; `plain_pillow(data)` is the straightforward Pillow way it is
+measured against (see shards/speed.py). Both resize the shorter side to SIZE and keep the central SIZE x SIZE patch,
+with the same geometry: the crop offset is an integer pixel count in the resized image, as resize-then-crop gives.
+"""
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE = 256  # output side in pixels
+DRAFT_MARGIN = 2  # JPEG DCT-domain downscaling only while the decoded shorter side stays >= this x SIZE
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+
+# ImageNet's largest images are far below this; a file claiming more is rejected rather than decoded.
+Image.MAX_IMAGE_PIXELS = 200_000_000
+
+
+class Rejected(Exception):
+    """This input cannot become a sample; the message is the reason listed in the manifest."""
+
+
+def crop_geometry(width: int, height: int, size: int = SIZE) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """Resized size (shorter side = size) and the central size x size box of it, in source coordinates.
+
+    The box is what resize-then-crop keeps: integer offsets in the resized image, mapped back to the source.
+    """
+    short = min(width, height)
+    resized = (max(size, round(width * size / short)), max(size, round(height * size / short)))
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    sx, sy = width / resized[0], height / resized[1]
+    return resized, (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+
+
+def open_image(data: bytes) -> Image.Image:
+    if not data:
+        raise Rejected("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise Rejected(f"not an image (unrecognised content, starts {data[:8].hex()})") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"too large: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a corrupt header can raise almost anything inside a plugin
+        raise Rejected(f"unreadable header: {type(e).__name__}: {e}") from None
+
+
+def to_rgb(im: Image.Image, converted: list[str]) -> Image.Image:
+    """Any decoded mode -> RGB, noting what was not already RGB (CMYK, greyscale, palette, alpha, 16-bit)."""
+    if im.mode == "RGB":
+        return im
+    converted.append(f"{im.mode}->RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Transparent areas become white, as a browser shows them on a page, not the undefined colour under alpha.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        array = np.asarray(im.convert("I") if im.mode.startswith("I;16") else im, dtype=np.float64)
+        return Image.fromarray(np.clip(array / 256 if array.max() > 255 else array, 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def decode(data: bytes, size: int = SIZE, fast: bool = True) -> tuple[Image.Image, tuple, list[str]]:
+    """Decode `data` (upright, RGB); returns the image, the crop box in its coordinates and the conversions made.
+
+    With `fast`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when its shorter side stays at least
+    DRAFT_MARGIN x size, which skips most of the decode work for large photos and leaves the final LANCZOS step a
+    reduction of 2x-4x, where it still filters properly.
+    """
+    converted: list[str] = []
+    im = open_image(data)
+    try:
+        if im.format != "JPEG":
+            converted.append(f"{im.format}->JPEG")
+        orientation = im.getexif().get(ORIENTATION_TAG, 1) if im.format in ("JPEG", "PNG", "WEBP", "TIFF") else 1
+        full = im.size
+        if orientation in (5, 6, 7, 8):
+            full = (full[1], full[0])
+        scale = 1
+        if fast and im.format == "JPEG":
+            draft_size = tuple(-(-side * DRAFT_MARGIN * size // min(im.size)) for side in im.size)
+            if min(im.size) >= 2 * DRAFT_MARGIN * size:
+                im.draft(im.mode, draft_size)
+                scale = round(full[0] / (im.size[1] if orientation in (5, 6, 7, 8) else im.size[0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+    except Rejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data: reject this file, never stop the build
+        raise Rejected(f"cannot decode: {type(e).__name__}: {e}") from None
+    if orientation in range(2, 9):
+        im = ImageOps.exif_transpose(im)
+        converted.append(f"EXIF orientation {orientation} applied")
+    try:
+        im = to_rgb(im, converted)
+    except Exception as e:  # noqa: BLE001
+        raise Rejected(f"cannot convert {im.mode} to RGB: {type(e).__name__}: {e}") from None
+    _, box = crop_geometry(*full, size)
+    return im, tuple(v / scale for v in box), converted
+
+
+def prepare(data: bytes, quality: int = 90, size: int = SIZE) -> tuple[bytes, np.ndarray, list[str]]:
+    """Source bytes -> (JPEG bytes of the size x size RGB patch, its uint8 pixels (size, size, 3), conversions).
+
+    Raises Rejected with the reason when the content cannot be decoded. Only the central box is resampled
+    (`resize(box=...)`), which gives the same pixels as resizing the whole image and cropping afterwards.
+    """
+    im, box, converted = decode(data, size, fast=True)
+    patch = im.resize((size, size), Image.Resampling.LANCZOS, box=box)
+    return encode(patch, quality), np.asarray(patch), converted
+
+
+def encode(patch: Image.Image, quality: int) -> bytes:
+    out = io.BytesIO()
+    # Baseline (not progressive), 4:2:0, no metadata: what every JPEG decoder, DALI's nvJPEG included, handles fastest.
+    patch.save(out, format="JPEG", quality=quality, optimize=False, progressive=False)
+    return out.getvalue()
+
+
+def plain_pillow(data: bytes, quality: int = 90, size: int = SIZE) -> bytes:
+    """The straightforward way, the speed baseline: open, convert, LANCZOS resize, crop, save."""
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    resized, _ = crop_geometry(*im.size, size)
+    im = im.resize(resized, Image.Resampling.LANCZOS)
+    left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
+    out = io.BytesIO()
+    im.crop((left, top, left + size, top + size)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()

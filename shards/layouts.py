@@ -1,0 +1,377 @@
+"""What RAW holds -> classes and, per split, the list of source images with their labels.
+
+Four layouts are detected from what RAW contains (see `detect`):
+  ilsvrc2012 / ilsvrc2010  official archives: a train tar of per-class tars, a flat val (and test) tar, the devkit
+  kaggle                   ILSVRC/Data/CLS-LOC/{train/<wnid>,val} + LOC_val_solution.csv + LOC_synset_mapping.txt
+  folders                  train/<wnid>/* and val/<wnid>/* (test/<wnid>/* too when present)
+
+Archives are never extracted: their headers are read once to find where each JPEG lies, and the builder reads the
+bytes from there (`Item.read`). Class index = position of the WNID in the sorted list of training WNIDs.
+"""
+import csv
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import tarfile
+from pathlib import Path
+
+from config import UsageError
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One source image: where its bytes are, its sample key and its class index."""
+    key: str  # sample key: the source file's stem, made safe (no dots, no spaces)
+    label: int  # class index
+    source: str  # what the manifest names: path relative to RAW, archive members joined by '/'
+    path: str  # file holding the bytes
+    offset: int = 0  # byte offset of the image inside `path` (inside an uncompressed tar)
+    size: int = -1  # byte count, -1: the whole file
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.size < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
+@dataclasses.dataclass
+class Source:
+    layout: str
+    classes: list[dict]  # [{index, wnid, name}]
+    splits: dict[str, list[Item]]  # split -> items in source order (train: sorted by class, then key)
+
+
+MAX_KEY = 80  # characters: a key plus its longest extension stays within a ustar name (100)
+
+
+def safe_key(stem: str) -> str:
+    """A WebDataset key: no dots (they separate key from extension), nothing a tar listing or DALI index would split."""
+    key = re.sub(r"[^\w\-'+,=@~()]", "_", stem, flags=re.ASCII) or "_"
+    if len(key) > MAX_KEY:
+        key = key[:MAX_KEY - 9] + "_" + hashlib.sha1(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return key
+
+
+def stem(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def unique_keys(pairs: list[tuple[str, str]]) -> list[str]:
+    """Keys for (group, stem) pairs, unique within the list: a stem seen twice gets its group as a prefix."""
+    keys = [safe_key(s) for _, s in pairs]
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    keys = [safe_key(f"{g}_{s}") if counts[k] > 1 else k for (g, s), k in zip(pairs, keys)]
+    seen: dict[str, int] = {}
+    out = []
+    for k in keys:
+        n = seen.get(k, 0)
+        seen[k] = n + 1
+        out.append(k if n == 0 else f"{k}_{n}")
+    return out
+
+
+def read_synset_names(path: Path) -> dict[str, str]:
+    """`<wnid> <name>` per line (LOC_synset_mapping.txt, synset_words.txt)."""
+    names = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip() or wnid
+    return names
+
+
+def class_list(wnids, names: dict[str, str]) -> list[dict]:
+    return [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(sorted(wnids))]
+
+
+def is_image_name(name: str) -> bool:
+    # Class folders may hold stray files; only names that look like images are inputs, the content decides the rest.
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name))
+
+
+# --- class folders -------------------------------------------------------------------------------------------------
+
+def find_names_file(raw: Path) -> Path | None:
+    for name in ("LOC_synset_mapping.txt", "synset_words.txt"):
+        if (raw / name).is_file():
+            return raw / name
+    return None
+
+
+def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
+                  flat_val_labels: dict[str, str] | None = None) -> Source:
+    train_dir = root / "train"
+    wnids = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not wnids:
+        raise UsageError(f"{train_dir} has no class folders")
+    index = {w: i for i, w in enumerate(wnids)}
+    splits = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        entries = []  # (label, group, file)
+        if split == "val" and flat_val_labels is not None:
+            for f in files_under(folder):
+                wnid = flat_val_labels.get(stem(f.name))
+                if wnid is None:
+                    raise UsageError(f"{f} has no label in LOC_val_solution.csv")
+                entries.append((index_of(index, wnid, f), wnid, f))
+        else:
+            class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not class_dirs:
+                continue
+            for d in class_dirs:
+                for f in files_under(d):
+                    entries.append((index_of(index, d.name, d), d.name, f))
+        if not entries:
+            continue
+        keys = unique_keys([(g, stem(f.name)) for _, g, f in entries])
+        items = [Item(k, label, str(f.relative_to(raw)), str(f)) for k, (label, _, f) in zip(keys, entries)]
+        splits[split] = order(split, items)
+    return Source(layout, class_list(wnids, names), splits)
+
+
+def index_of(index: dict[str, int], wnid: str, where) -> int:
+    if wnid not in index:
+        raise UsageError(f"{where}: class {wnid!r} is not one of the {len(index)} training classes")
+    return index[wnid]
+
+
+def order(split: str, items: list[Item]) -> list[Item]:
+    """Source order: train by (class, key), which the seeded shuffle then permutes; val/test by key."""
+    if split == "train":
+        return sorted(items, key=lambda it: (it.label, it.key, it.source))
+    return sorted(items, key=lambda it: (it.key, it.source))
+
+
+# --- official archives ---------------------------------------------------------------------------------------------
+
+def tar_members(path: str, fileobj=None, base: int = 0):
+    """(name, absolute data offset, size) of the regular files of an uncompressed tar, reading only headers."""
+    with tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj) as tar:
+        for m in tar:
+            if m.isfile():
+                yield m.name, base + m.offset_data, m.size
+
+
+def scan_class_tar(args) -> tuple[str, list[tuple[str, int, int]], str | None]:
+    """Members of one per-class tar inside the train archive; run in a worker process."""
+    path, name, offset, size = args
+    try:
+        with open(path, "rb") as f:
+            view = SubFile(f, offset, size)
+            return name, list(tar_members(path, view, offset)), None
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return name, [], f"{type(e).__name__}: {e}"
+
+
+class SubFile(io.RawIOBase):
+    """A read-only window [offset, offset+size) of an open file, seekable, for tarfile."""
+
+    def __init__(self, f, offset: int, size: int):
+        self.f, self.offset, self.size, self.pos = f, offset, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        self.pos = {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]
+        return self.pos
+
+    def tell(self):
+        return self.pos
+
+    def read(self, n=-1):
+        n = self.size - self.pos if n is None or n < 0 else min(n, self.size - self.pos)
+        if n <= 0:
+            return b""
+        self.f.seek(self.offset + self.pos)
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def readinto(self, b):
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def read_devkit(devkit: Path) -> dict[str, bytes]:
+    """Files of the devkit (a .tar.gz/.tar or an extracted folder) by base name: meta.mat, *ground_truth.txt."""
+    wanted = re.compile(r"(meta\.mat|.*ground_truth\.txt)$")
+    files = {}
+    if devkit.is_dir():
+        for p in sorted(devkit.rglob("*")):
+            if p.is_file() and wanted.match(p.name):
+                files.setdefault(p.name, p.read_bytes())
+        return files
+    with tarfile.open(devkit) as tar:
+        for m in tar:
+            base = m.name.rsplit("/", 1)[-1]
+            if m.isfile() and wanted.match(base):
+                files.setdefault(base, tar.extractfile(m).read())
+    return files
+
+
+def read_meta(data: bytes) -> tuple[dict[int, str], dict[str, str]]:
+    """devkit meta.mat -> ({ILSVRC20xx_ID: WNID} of the leaf classes, {WNID: words})."""
+    import scipy.io  # only archive layouts need it: keeps `build` on class folders quick to start
+
+    synsets = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)["synsets"]
+    id_field = next(f for f in synsets.dtype.names if re.fullmatch(r"ILSVRC\d+_ID", f))
+    ids, names = {}, {}
+    for s in synsets:
+        wnid = str(s["WNID"])
+        names[wnid] = str(s["words"])
+        if int(s["num_children"]) == 0:
+            ids[int(s[id_field])] = wnid
+    return ids, names
+
+
+def ground_truth_labels(text: str, id_to_wnid: dict[int, str], index: dict[str, int]) -> list[int]:
+    """Devkit ground truth (one ILSVRC20xx_ID per line, image 1 first) -> class indices."""
+    return [index[id_to_wnid[int(line)]] for line in text.split()]
+
+
+def image_number(key: str) -> int | None:
+    match = re.search(r"(\d+)$", key)
+    return int(match.group(1)) if match else None
+
+
+def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int) -> Source:
+    devkit = read_devkit(found["devkit"])
+    if "meta.mat" not in devkit:
+        raise UsageError(f"{found['devkit']} has no meta.mat")
+    id_to_wnid, names = read_meta(devkit["meta.mat"])
+    for p in raw.glob(f"ILSVRC{year}_*ground_truth.txt"):  # ground truth given next to the archives
+        devkit.setdefault(p.name, p.read_bytes())
+
+    train_classes: dict[str, list[tuple[str, int, int]]] = {}
+    if "train" in found:
+        path = str(found["train"])
+        inner = [(n, off, size) for n, off, size in tar_members(path)]
+        jobs = [(path, n, off, size) for n, off, size in inner if n.lower().endswith(".tar")]
+        if not jobs:
+            raise UsageError(f"{path} holds no per-class .tar files")
+        for name, members, error in map_jobs(scan_class_tar, jobs, workers):
+            if error:
+                raise UsageError(f"{path}: cannot read the class archive {name}: {error}")
+            train_classes[stem(name)] = members
+        wnids = sorted(train_classes)
+    else:
+        wnids = sorted(id_to_wnid.values())
+    index = {w: i for i, w in enumerate(wnids)}
+    splits = {}
+    if train_classes:
+        items = []
+        arch = found["train"].name
+        for wnid in wnids:
+            members = [m for m in train_classes[wnid] if is_image_name(m[0])]
+            keys = unique_keys([(wnid, stem(n)) for n, _, _ in members])
+            items += [Item(k, index[wnid], f"{arch}/{wnid}.tar/{n}", str(found["train"]), off, size)
+                      for k, (n, off, size) in zip(keys, members)]
+        splits["train"] = order("train", items)
+    for split in ("val", "test"):
+        if split not in found:
+            continue
+        gt_name = f"ILSVRC{year}_{'validation' if split == 'val' else 'test'}_ground_truth.txt"
+        if gt_name not in devkit:
+            raise UsageError(f"{found[split].name} given but no {gt_name} (in the devkit or in {raw})")
+        gt_ids = [int(v) for v in devkit[gt_name].decode().split()]
+        path = str(found[split])
+        members = sorted((m for m in tar_members(path) if is_image_name(m[0])), key=lambda m: stem(m[0]))
+        keys = unique_keys([("", stem(n)) for n, _, _ in members])
+        items = []
+        for position, (k, (n, off, size)) in enumerate(zip(keys, members)):
+            number = image_number(k) or position + 1
+            if not 1 <= number <= len(gt_ids):
+                raise UsageError(f"{path}: {n} has no line in {gt_name} ({len(gt_ids)} lines)")
+            wnid = id_to_wnid[gt_ids[number - 1]]
+            items.append(Item(k, index_of(index, wnid, n), f"{found[split].name}/{n}", path, off, size))
+        splits[split] = order(split, items)
+    return Source(f"ilsvrc{year}", class_list(wnids, names), splits)
+
+
+def map_jobs(fn, jobs, workers):
+    if workers <= 1 or len(jobs) < 8:
+        return map(fn, jobs)
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        return pool.map(fn, jobs, chunksize=4)
+
+
+def find_archives(raw: Path) -> tuple[str, dict[str, Path]] | None:
+    for year in ("2012", "2010"):
+        found = {}
+        for p in sorted(raw.iterdir()):
+            name = p.name
+            if not name.startswith(f"ILSVRC{year}"):
+                continue
+            lower = name.lower()
+            if "devkit" in lower and (p.is_dir() or lower.endswith((".tar.gz", ".tgz", ".tar"))):
+                found.setdefault("devkit", p)
+            elif lower.endswith(".tar") and p.is_file():
+                for split in ("train", "val", "test"):
+                    if f"_{split}" in lower or f"{split}." in lower:
+                        found.setdefault(split, p)
+        if found.keys() - {"devkit"}:
+            if "devkit" not in found:
+                raise UsageError(f"{raw}: ILSVRC{year} archives found but no ILSVRC{year}_devkit*.tar.gz "
+                                 "(it maps the validation labels to WNIDs)")
+            return year, found
+    return None
+
+
+# --- detection -----------------------------------------------------------------------------------------------------
+
+def detect(raw: str | os.PathLike, workers: int = 1) -> Source:
+    raw = Path(raw)
+    if not raw.is_dir():
+        raise UsageError(f"--raw={raw}: not a directory")
+    archives = find_archives(raw)
+    if archives:
+        return archive_layout(raw, archives[0], archives[1], workers)
+    kaggle = raw / "ILSVRC" / "Data" / "CLS-LOC"
+    if (kaggle / "train").is_dir():
+        mapping, solution = raw / "LOC_synset_mapping.txt", raw / "LOC_val_solution.csv"
+        if not mapping.is_file():
+            raise UsageError(f"{raw}: Kaggle layout found but no LOC_synset_mapping.txt")
+        val_labels = None
+        if (kaggle / "val").is_dir():
+            if not solution.is_file():
+                raise UsageError(f"{raw}: Kaggle layout with a val folder but no LOC_val_solution.csv")
+            val_labels = read_kaggle_solution(solution)
+        return folder_splits(raw, kaggle, "kaggle", read_synset_names(mapping), val_labels)
+    if (raw / "train").is_dir():
+        names_file = find_names_file(raw)
+        return folder_splits(raw, raw, "folders", read_synset_names(names_file) if names_file else {})
+    listing = sorted(p.name + ("/" if p.is_dir() else "") for p in raw.iterdir())
+    shown = ", ".join(listing[:12]) + (f" ... ({len(listing)} entries)" if len(listing) > 12 else "")
+    raise UsageError(f"{raw}: no ImageNet layout recognised (expected ILSVRC2012_img_*.tar + devkit, "
+                     f"ILSVRC2010 archives, train/<wnid>/ folders or Kaggle ILSVRC/Data/CLS-LOC); "
+                     f"found: {shown or 'nothing'}")
+
+
+def read_kaggle_solution(path: Path) -> dict[str, str]:
+    """LOC_val_solution.csv: ImageId -> WNID, the first word of PredictionString."""
+    with open(path, newline="") as f:
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}

@@ -1,0 +1,198 @@
+"""`python -m shards build` on class folders: files written, manifest, labels, index, determinism, readers."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards import build, tario
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def jpeg_bytes(rng, height=40, width=60, mode="RGB", fmt="JPEG", **save) -> bytes:
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    im = Image.fromarray(pixels).convert(mode)
+    out = io.BytesIO()
+    im.save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def make_folders(root: Path, classes=("n01", "n02", "n03"), train=6, val=2, seed=0, names=None) -> Path:
+    """train/<class>/<class>_<i>.JPEG and val/<class>/val_<class>_<i>.JPEG, small random images of varied sizes."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                name = f"{c}_{i}.JPEG" if split == "train" else f"val_{c}_{i}.JPEG"
+                (d / name).write_bytes(jpeg_bytes(rng, 30 + 7 * i, 50 + 3 * i))
+    if names:
+        (root / "synset_words.txt").write_text("".join(f"{w} {n}\n" for w, n in names.items()))
+    return root
+
+
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PYTHON, "-m", "shards", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_shard(path: Path) -> list[dict]:
+    """Samples of a shard in tar order: {key: ..., ext: bytes}."""
+    samples = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = tar.extractfile(m).read()
+    return samples
+
+
+def all_samples(data: Path, split: str) -> list[dict]:
+    manifest = json.loads((data / "manifest.json").read_text())
+    return [s for sh in manifest["splits"][split]["shards"] for s in read_shard(data / sh["file"])]
+
+
+def tree_bytes(data: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
+            if p.is_file() and ".build" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def folders_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folders")
+    raw = make_folders(root / "raw", names={"n01": "one, first", "n02": "two"})
+    data = root / "data"
+    proc = run_cli("build", f"--raw={raw}", f"--out={data}", "--shard_size=5", "--workers=2")
+    return raw, data, proc
+
+
+def test_folder_build_writes_the_format(folders_build):
+    raw, data, proc = folders_build
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["classes"] == [{"index": 0, "wnid": "n01", "name": "one, first"},
+                                   {"index": 1, "wnid": "n02", "name": "two"},
+                                   {"index": 2, "wnid": "n03", "name": "n03"}]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert (train["num_samples"], val["num_samples"]) == (18, 6)
+    assert [s["file"] for s in train["shards"]] == [f"train/train-00000{i}.tar" for i in range(4)]
+    assert [s["num_samples"] for s in train["shards"]] == [5, 5, 5, 3]
+    assert manifest["params"]["shard_size"] == 5 and manifest["params"]["quality"] == 90
+    assert manifest["params"]["layout"] == "folders"
+    for split in ("train", "val"):
+        for sh in manifest["splits"][split]["shards"]:
+            assert (data / sh["file"]).with_suffix(".idx").is_file()
+    assert "train: 18 inputs = 18 written + 0 rejected" in proc.stderr
+    assert "val: 6 inputs = 6 written + 0 rejected" in proc.stderr
+
+
+def test_samples_have_the_members_and_labels(folders_build):
+    raw, data, _ = folders_build
+    for split, per_class in (("train", 6), ("val", 2)):
+        samples = all_samples(data, split)
+        assert len(samples) == 3 * per_class
+        for s in samples:
+            assert set(s) == {"__key__", "jpg", "cls", "label", "index"}
+            im = Image.open(io.BytesIO(s["jpg"]))
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (256, 256))
+            assert "progressive" not in im.info
+            label = int(s["cls"].decode())
+            assert s["cls"] == str(label).encode()  # no newline
+            assert np.frombuffer(s["label"], "<i4")[0] == label
+            wnid = s["__key__"].split("_")[-2]
+            assert label == ["n01", "n02", "n03"].index(wnid)
+        assert sorted(np.frombuffer(s["index"], "<i4")[0] for s in samples) == list(range(len(samples)))
+    val = all_samples(data, "val")
+    assert [s["__key__"] for s in val] == sorted(s["__key__"] for s in val)  # source order
+    assert [np.frombuffer(s["index"], "<i4")[0] for s in val] == list(range(6))
+
+
+def test_train_is_shuffled_globally(folders_build):
+    _, data, _ = folders_build
+    samples = all_samples(data, "train")
+    labels = [int(s["cls"]) for s in samples]
+    assert labels != sorted(labels)
+    assert [np.frombuffer(s["index"], "<i4")[0] for s in samples] == list(range(18))
+    assert len({int(s["cls"]) for s in samples[:6]}) > 1
+
+
+def test_index_equals_wds2idx(folders_build, tmp_path):
+    _, data, _ = folders_build
+    wds2idx = Path(PYTHON).with_name("wds2idx")
+    if not wds2idx.exists() or shutil.which("tar") is None:
+        pytest.skip("DALI's wds2idx or GNU tar not installed")
+    for tar in sorted(data.glob("*/*.tar")):
+        ref = tmp_path / (tar.stem + ".idx")
+        subprocess.run([str(wds2idx), str(tar), str(ref)], check=True, capture_output=True)
+        assert tar.with_suffix(".idx").read_bytes() == ref.read_bytes(), tar.name
+        assert tario.index_of_tar(str(tar)) == ref.read_text()
+
+
+def test_shards_open_with_tar_and_webdataset(folders_build):
+    webdataset = pytest.importorskip("webdataset")
+    _, data, _ = folders_build
+    tar = sorted((data / "train").glob("*.tar"))[0]
+    if shutil.which("tar"):
+        listing = subprocess.run(["tar", "-tf", str(tar)], check=True, capture_output=True, text=True).stdout.split()
+        assert len(listing) == 5 * 4 and listing[0].endswith(".jpg") and listing[1].endswith(".cls")
+    # webdataset's default handlers take `.index` for ASCII text; it is int32 here (docs/FORMAT.md), so decode
+    # only the members that need it.
+    ds = webdataset.WebDataset(str(tar), shardshuffle=False).decode("pil", only=["jpg", "cls"])
+    rows = list(ds.to_tuple("jpg", "cls", "index"))
+    assert len(rows) == 5
+    for im, cls, index in rows:
+        assert im.size == (256, 256) and 0 <= cls < 3 and 0 <= np.frombuffer(index, "<i4")[0] < 18
+
+
+def test_stats_file(folders_build):
+    _, data, _ = folders_build
+    manifest = json.loads((data / "manifest.json").read_text())
+    with np.load(data / "stats.npz") as z:
+        assert z["mean_image"].shape == (256, 256, 3) and z["mean_image"].dtype == np.float64
+        assert np.allclose(z["rgb_mean"], manifest["stats"]["rgb_mean"])
+        assert np.allclose(z["rgb_mean"], z["mean_image"].mean((0, 1)))
+        assert np.all(np.diff(z["pca_eigval"]) <= 0)
+        assert np.allclose(z["pca_eigvec"].T @ z["pca_eigvec"], np.eye(3))
+    assert manifest["stats"]["num_pixels"] == 18 * 256 * 256
+
+
+def test_same_seed_same_bytes_other_seed_other_order(folders_build, tmp_path):
+    raw, data, _ = folders_build
+    build.build(build.BuildConfig(raw=str(raw), out=str(tmp_path / "a"), shard_size=5, workers=1))
+    assert tree_bytes(tmp_path / "a") == tree_bytes(data)  # 1 worker in-process == 2 worker processes
+    build.build(build.BuildConfig(raw=str(raw), out=str(tmp_path / "b"), shard_size=5, workers=1, seed=1))
+    keys = lambda d: [s["__key__"] for s in all_samples(d, "train")]  # noqa: E731
+    assert keys(tmp_path / "b") != keys(data) and sorted(keys(tmp_path / "b")) == sorted(keys(data))
+    assert (tmp_path / "b/val/val-000000.tar").read_bytes() == (data / "val/val-000000.tar").read_bytes()
+
+
+def test_duplicate_file_names_across_classes_get_unique_keys(tmp_path):
+    rng = np.random.default_rng(1)
+    for c in ("a", "b"):
+        for i in range(2):
+            (tmp_path / "raw/train" / c).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "raw/train" / c / f"img.{i}.jpg").write_bytes(jpeg_bytes(rng))
+    build.build(build.BuildConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "data"), workers=1))
+    keys = sorted(s["__key__"] for s in all_samples(tmp_path / "data", "train"))
+    assert keys == ["a_img_0", "a_img_1", "b_img_0", "b_img_1"]
+
+
+def test_unknown_layout_is_a_one_line_error(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("hello")
+    proc = run_cli("build", f"--raw={tmp_path / 'raw'}", f"--out={tmp_path / 'data'}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "notes.txt" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("build", f"--out={tmp_path / 'data'}", check=False)
+    assert proc.returncode == 2 and "--raw" in proc.stderr
