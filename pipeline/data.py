@@ -1,0 +1,139 @@
+"""What `pipeline/` reads from a shard directory (docs/FORMAT.md): manifest, statistics, shard lists.
+
+Nothing here imports DALI or torch, so it is cheap to call from anywhere (class names, split sizes).
+"""
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SIZE = 256  # px, side of every stored image
+CROP = 224  # px, side of the network input
+
+
+def read_manifest(data: str | os.PathLike) -> dict:
+    """`DATA/manifest.json` as a dict; a missing or unreadable manifest is an error naming the file."""
+    path = Path(data) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest (is {data} a shard directory written by `shards build`?)") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable manifest: {e}") from None
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean_image: np.ndarray  # (256, 256, 3) float32, RGB, 0-255: the per-pixel mean over the training set
+    rgb_mean: np.ndarray  # (3,) float32, 0-255
+    pca_eigval: np.ndarray  # (3,) float32, RGB covariance eigenvalues on the [0,1] scale, descending
+    pca_eigvec: np.ndarray  # (3, 3) float32, eigenvectors as columns
+
+
+def read_stats(data: str | os.PathLike, manifest: dict | None = None) -> Stats:
+    """The training-set statistics: `mean_image` from stats.npz, PCA from the manifest (stats.npz as fallback)."""
+    path = Path(data) / "stats.npz"
+    try:
+        with np.load(path) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable statistics: {e}") from None
+    if "mean_image" not in arrays or arrays["mean_image"].shape != (SIZE, SIZE, 3):
+        raise ValueError(f"{path}: expected mean_image of shape ({SIZE}, {SIZE}, 3)")
+    stats = (manifest or read_manifest(data)).get("stats", {})
+    pick = lambda key: np.asarray(stats[key] if key in stats else arrays[key], dtype=np.float32)  # noqa: E731
+    return Stats(mean_image=arrays["mean_image"].astype(np.float32), rgb_mean=pick("rgb_mean"),
+                 pca_eigval=pick("pca_eigval").reshape(3), pca_eigvec=pick("pca_eigvec").reshape(3, 3))
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    tars: list[str]  # absolute paths, in manifest order
+    indexes: list[str]  # the DALI index next to each tar
+    num_samples: int  # real samples in the split
+
+
+def read_split(data: str | os.PathLike, split: str, manifest: dict | None = None, check: bool = True) -> Split:
+    """The shard list of one split; with `check`, every shard is checked against its index (see `check_shard`)."""
+    manifest = manifest or read_manifest(data)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ValueError(f"{Path(data) / 'manifest.json'}: no split {split!r} (have {', '.join(splits) or 'none'})")
+    shards = splits[split]["shards"]
+    if not shards:
+        raise ValueError(f"{data}: split {split!r} has no shards")
+    tars = [str(Path(data) / s["file"]) for s in shards]
+    indexes = [str(Path(t).with_suffix(".idx")) for t in tars]
+    if check:
+        for tar, idx, shard in zip(tars, indexes, shards):
+            check_shard(tar, idx, shard.get("num_samples"))
+    num_samples = int(splits[split].get("num_samples", sum(s["num_samples"] for s in shards)))
+    return Split(split, tars, indexes, num_samples)
+
+
+def check_shard(tar: str, idx: str, num_samples: int | None = None) -> None:
+    """Fail fast, naming the shard, on what would otherwise crash or stall the reader.
+
+    DALI memory-maps the tar and trusts the index: a truncated tar would be read past its end (SIGBUS on
+    the mmap path). Reading only the index's header and last line keeps this cheap on network filesystems.
+    """
+    try:
+        with open(tar, "rb") as f:
+            tar_bytes = os.fstat(f.fileno()).st_size
+            head = f.read(512)
+        with open(idx, "rb") as f:
+            header = f.readline().split()
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = [line.split() for line in f.read().splitlines() if line.strip()]
+    except OSError as e:
+        raise RuntimeError(f"shard {tar}: cannot read it or its index {idx}: {e.strerror or e}") from None
+    if head[257:262] != b"ustar":
+        raise RuntimeError(f"shard {tar}: not a tar archive (no ustar header at its start)")
+    if len(header) != 2 or not header[0].startswith(b"v1") or not header[1].isdigit():
+        raise RuntimeError(f"shard {tar}: index {idx} is not a DALI webdataset index (header {header!r})")
+    if num_samples is not None and int(header[1]) != num_samples:
+        raise RuntimeError(f"shard {tar}: index {idx} lists {int(header[1])} samples, the manifest {num_samples}")
+    last = lines[-1] if lines else []
+    try:  # each component is `<ext> <offset> <size>` (v1.2 adds a file name)
+        step = 4 if header[0] == b"v1.2" else 3
+        end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 2, step)) if last[1:] else 0
+    except (ValueError, IndexError):
+        raise RuntimeError(f"shard {tar}: malformed last line in index {idx}") from None
+    if end > tar_bytes:
+        raise RuntimeError(f"shard {tar}: truncated ({tar_bytes} bytes, its index needs {end}); rebuild or re-copy it")
+
+
+def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[begin, end) positions of the samples this rank reads: DALI's `shard_id`/`num_shards` split."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def find_bad_sample(tars: list[str], indexes: list[str]) -> str | None:
+    """The first `<shard>: <member>` whose JPEG lacks its start/end markers, for error messages after a failure.
+
+    Reads 2+2 bytes per sample through the index, so it is fast enough to run once when decoding has failed.
+    """
+    for tar, idx in zip(tars, indexes):
+        try:
+            with open(idx) as f, open(tar, "rb") as t:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    step = 4 if len(fields) % 4 == 0 else 3
+                    for i in range(0, len(fields) - 2, step):
+                        if fields[i] != "jpg":
+                            continue
+                        offset, size = int(fields[i + 1]), int(fields[i + 2])
+                        t.seek(offset)
+                        start = t.read(2)
+                        t.seek(offset + size - 2)
+                        if start != b"\xff\xd8" or t.read(2) != b"\xff\xd9":
+                            name = fields[i + 3] if step == 4 else f"sample at byte {offset}"
+                            return f"{tar}: {name} is not a complete JPEG"
+        except (OSError, ValueError, StopIteration) as e:
+            return f"{tar}: unreadable ({e})"
+    return None

@@ -1,0 +1,153 @@
+"""Small shard directories for tests, in the docs/FORMAT.md layout.
+
+Two ways to make one:
+- `build_with_shards(tmp, images)`: writes the images as class folders and runs `python -m shards build`, so a
+  test covers the whole chain (writer -> pipeline).
+- `write_data(tmp, splits)`: writes the tars, DALI indexes, manifest and stats.npz directly (no writer needed):
+  for tests of the reading side alone and for shards that must be precisely controlled.
+"""
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+WDS2IDX = Path(sys.executable).parent / "wds2idx"
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    """HWC uint8 RGB, decoded by libjpeg-turbo (through Pillow)."""
+    return np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path: Path, samples: list[tuple[str, bytes, int, int]]) -> None:
+    """samples: (key, jpeg bytes, class index, position in split)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, jpeg, label, index in samples:
+            _add(tar, f"{key}.jpg", jpeg)
+            _add(tar, f"{key}.cls", str(label).encode())
+            _add(tar, f"{key}.label", np.int32(label).astype("<i4").tobytes())
+            _add(tar, f"{key}.index", np.int32(index).astype("<i4").tobytes())
+    subprocess.run([str(WDS2IDX), str(path), str(path.with_suffix(".idx"))], check=True, capture_output=True)
+
+
+def pca_of(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and eigenvectors (columns) of the RGB covariance on the [0,1] scale."""
+    pixels = np.concatenate([np.asarray(im, np.float64).reshape(-1, 3) / 255 for im in images])
+    eigval, eigvec = np.linalg.eigh(np.cov(pixels, rowvar=False))
+    order = np.argsort(eigval)[::-1]
+    return eigval[order], eigvec[:, order]
+
+
+def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, shard_size: int = 8,
+               num_classes: int | None = None, mean_image: np.ndarray | None = None,
+               eigval=None, eigvec=None) -> Path:
+    """A complete DATA directory from {split: [(rgb 256x256x3 uint8, class), ...]}; returns `root`.
+
+    Statistics come from the decoded training JPEGs unless given. Samples keep their order, so a sample's
+    `.index` is its position in the list.
+    """
+    root = Path(root)
+    num_classes = num_classes or 1 + max(c for items in splits.values() for _, c in items)
+    manifest = {"format": 1, "splits": {}, "rejected": [], "converted": [],
+                "classes": [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(num_classes)]}
+    decoded = {}
+    for split, items in splits.items():
+        shards = []
+        jpegs = [jpeg_bytes(rgb) for rgb, _ in items]
+        decoded[split] = [decode(j) for j in jpegs]
+        for start in range(0, len(items), shard_size):
+            file = f"{split}/{split}-{start // shard_size:06d}.tar"
+            chunk = [(f"{split}_{i:08d}", jpegs[i], items[i][1], i) for i in range(start, min(len(items), start + shard_size))]
+            write_shard(root / file, chunk)
+            digest = hashlib.sha256((root / file).read_bytes()).hexdigest()
+            shards.append({"file": file, "num_samples": len(chunk), "sha256": digest})
+        manifest["splits"][split] = {"num_samples": len(items), "shards": shards}
+    train = decoded.get("train") or next(iter(decoded.values()))
+    if mean_image is None:
+        mean_image = np.mean([im.astype(np.float64) for im in train], axis=0)
+    if eigval is None or eigvec is None:
+        eigval, eigvec = pca_of(train)
+    rgb_mean = np.asarray(mean_image, np.float64).reshape(-1, 3).mean(0)
+    manifest["stats"] = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": np.asarray(eigval).tolist(),
+                         "pca_eigvec": np.asarray(eigvec).tolist(), "num_pixels": 256 * 256 * len(train)}
+    manifest["params"] = {"size": 256, "quality": 90, "shard_size": shard_size}
+    np.savez(root / "stats.npz", mean_image=np.asarray(mean_image, np.float64), rgb_mean=rgb_mean,
+             pca_eigval=np.asarray(eigval, np.float64), pca_eigvec=np.asarray(eigvec, np.float64))
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def set_stats(root: Path, *, mean_image=None, eigval=None, eigvec=None) -> None:
+    """Replace statistics of an existing DATA directory (both manifest.json and stats.npz)."""
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    with np.load(root / "stats.npz") as npz:
+        arrays = dict(npz)
+    if mean_image is not None:
+        arrays["mean_image"] = np.asarray(mean_image, np.float64)
+        arrays["rgb_mean"] = arrays["mean_image"].reshape(-1, 3).mean(0)
+        manifest["stats"]["rgb_mean"] = arrays["rgb_mean"].tolist()
+    if eigval is not None:
+        arrays["pca_eigval"] = np.asarray(eigval, np.float64)
+        manifest["stats"]["pca_eigval"] = arrays["pca_eigval"].tolist()
+    if eigvec is not None:
+        arrays["pca_eigvec"] = np.asarray(eigvec, np.float64)
+        manifest["stats"]["pca_eigvec"] = arrays["pca_eigvec"].tolist()
+    np.savez(root / "stats.npz", **arrays)
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def read_samples(root: Path, split: str) -> dict[int, tuple[np.ndarray, int]]:
+    """{`.index`: (decoded JPEG as HWC uint8, class from `.cls`)} for every sample of a split, read by tarfile."""
+    manifest = json.loads((Path(root) / "manifest.json").read_text())
+    out = {}
+    for shard in manifest["splits"][split]["shards"]:
+        members = {}
+        with tarfile.open(Path(root) / shard["file"]) as tar:
+            for m in tar.getmembers():
+                key, _, ext = m.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for parts in members.values():
+            index = int(np.frombuffer(parts["index"], "<i4")[0])
+            out[index] = (decode(parts["jpg"]), int(parts["cls"]))
+    return out
+
+
+def write_class_folders(raw: Path, splits: dict[str, list[tuple[np.ndarray, int]]]) -> Path:
+    """`raw/<split>/<wnid>/<split>_<i>.png` (lossless), with WNIDs n00000000, n00000001, ... by class."""
+    for split, items in splits.items():
+        for i, (rgb, label) in enumerate(items):
+            folder = Path(raw) / split / f"n{label:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.asarray(rgb, np.uint8)).save(folder / f"{split}_{i:06d}.png")
+    return Path(raw)
+
+
+def build_with_shards(tmp: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *args: str) -> Path:
+    """Class folders under tmp/raw, then `python -m shards build --raw=tmp/raw --out=tmp/data`; returns the DATA dir."""
+    raw = write_class_folders(Path(tmp) / "raw", splits)
+    out = Path(tmp) / "data"
+    subprocess.run([sys.executable, "-m", "shards", "build", f"--raw={raw}", f"--out={out}", *args],
+                   cwd=REPO, check=True, capture_output=True, text=True)
+    return out
