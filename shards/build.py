@@ -139,6 +139,8 @@ def convert_chunk(job):
             "pixel_outer": np.zeros((3, 3), np.int64), "num_images": 0} if with_stats else None
     for position, item in items:
         try:
+            if item.problem:
+                raise image.Rejected(item.problem)
             try:
                 data = item.read()
             except OSError as e:

@@ -18,6 +18,9 @@ ORIENTATION_TAG = 0x0112  # EXIF Orientation
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
+MODE_NAMES = {"L": "greyscale", "1": "bilevel", "P": "palette", "LA": "greyscale+alpha", "RGBA": "RGB+alpha"}
+
+
 class Rejected(Exception):
     """This input cannot become a sample; the message is the reason listed in the manifest."""
 
@@ -53,7 +56,7 @@ def to_rgb(im: Image.Image, converted: list[str]) -> Image.Image:
     """Any decoded mode -> RGB, noting what was not already RGB (CMYK, greyscale, palette, alpha, 16-bit)."""
     if im.mode == "RGB":
         return im
-    converted.append(f"{im.mode}->RGB")
+    converted.append(f"{MODE_NAMES.get(im.mode, im.mode)}->RGB")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Transparent areas become white, as a browser shows them on a page, not the undefined colour under alpha.
         rgba = im.convert("RGBA")

@@ -14,12 +14,12 @@ import hashlib
 import io
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 
 from config import UsageError
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 SPLITS = ("train", "val", "test")
 
 
@@ -32,6 +32,7 @@ class Item:
     path: str  # file holding the bytes
     offset: int = 0  # byte offset of the image inside `path` (inside an uncompressed tar)
     size: int = -1  # byte count, -1: the whole file
+    problem: str = ""  # known before reading (e.g. no label): the item is listed as rejected with this reason
 
     def read(self) -> bytes:
         with open(self.path, "rb") as f:
@@ -94,13 +95,10 @@ def class_list(wnids, names: dict[str, str]) -> list[dict]:
     return [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(sorted(wnids))]
 
 
-def is_image_name(name: str) -> bool:
-    # Class folders may hold stray files; only names that look like images are inputs, the content decides the rest.
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not Path(name).name.startswith(".")
-
-
 def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_name(p.name))
+    # Every file is an input, whatever its name: the content decides, and a stray file is listed as rejected
+    # rather than silently left out.
+    return sorted(p for p in folder.iterdir() if p.is_file())
 
 
 # --- class folders -------------------------------------------------------------------------------------------------
@@ -125,12 +123,13 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
         if not folder.is_dir():
             continue
         entries = []  # (label, group, file)
+        problems = {}
         if split == "val" and flat_val_labels is not None:
             for f in files_under(folder):
                 wnid = flat_val_labels.get(stem(f.name))
                 if wnid is None:
-                    raise UsageError(f"{f} has no label in LOC_val_solution.csv")
-                entries.append((index_of(index, wnid, f), wnid, f))
+                    problems[f] = "no label in LOC_val_solution.csv"
+                entries.append((index_of(index, wnid, f) if wnid else -1, wnid or "", f))
         else:
             class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
             if not class_dirs:
@@ -141,7 +140,8 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
         if not entries:
             continue
         keys = unique_keys([(g, stem(f.name)) for _, g, f in entries])
-        items = [Item(k, label, str(f.relative_to(raw)), str(f)) for k, (label, _, f) in zip(keys, entries)]
+        items = [Item(k, label, str(f.relative_to(raw)), str(f), problem=problems.get(f, ""))
+                 for k, (label, _, f) in zip(keys, entries)]
         splits[split] = order(split, items)
     return Source(layout, class_list(wnids, names), splits)
 
@@ -284,7 +284,7 @@ def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int) -
         items = []
         arch = found["train"].name
         for wnid in wnids:
-            members = [m for m in train_classes[wnid] if is_image_name(m[0])]
+            members = train_classes[wnid]
             keys = unique_keys([(wnid, stem(n)) for n, _, _ in members])
             items += [Item(k, index[wnid], f"{arch}/{wnid}.tar/{n}", str(found["train"]), off, size)
                       for k, (n, off, size) in zip(keys, members)]
@@ -294,18 +294,27 @@ def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int) -
             continue
         gt_name = f"ILSVRC{year}_{'validation' if split == 'val' else 'test'}_ground_truth.txt"
         if gt_name not in devkit:
+            if split == "test":  # ILSVRC2012's test labels were never published: no test split then
+                print(f"note: {found[split].name} skipped: no {gt_name} in the devkit or in {raw}", file=sys.stderr)
+                continue
             raise UsageError(f"{found[split].name} given but no {gt_name} (in the devkit or in {raw})")
         gt_ids = [int(v) for v in devkit[gt_name].decode().split()]
         path = str(found[split])
-        members = sorted((m for m in tar_members(path) if is_image_name(m[0])), key=lambda m: stem(m[0]))
+        members = sorted(tar_members(path), key=lambda m: (stem(m[0]), m[0]))
         keys = unique_keys([("", stem(n)) for n, _, _ in members])
         items = []
         for position, (k, (n, off, size)) in enumerate(zip(keys, members)):
             number = image_number(k) or position + 1
+            source = f"{found[split].name}/{n}"
             if not 1 <= number <= len(gt_ids):
-                raise UsageError(f"{path}: {n} has no line in {gt_name} ({len(gt_ids)} lines)")
-            wnid = id_to_wnid[gt_ids[number - 1]]
-            items.append(Item(k, index_of(index, wnid, n), f"{found[split].name}/{n}", path, off, size))
+                items.append(Item(k, -1, source, path, off, size, f"no line {number} in {gt_name}"))
+                continue
+            wnid = id_to_wnid.get(gt_ids[number - 1])
+            if wnid is None or wnid not in index:
+                items.append(Item(k, -1, source, path, off, size,
+                                  f"{gt_name} line {number}: ID {gt_ids[number - 1]} is not a training class"))
+                continue
+            items.append(Item(k, index[wnid], source, path, off, size))
         splits[split] = order(split, items)
     return Source(f"ilsvrc{year}", class_list(wnids, names), splits)
 
