@@ -1,0 +1,213 @@
+"""Ten-crop evaluation of a checkpoint written by train.py, next to the paper's numbers.
+
+    python eval.py --data=data/sample --checkpoint=runs/demo/checkpoint.pt
+    torchrun --nproc_per_node=8 eval.py --data=/scratch/imagenet-shards --checkpoint=runs/alexnet/checkpoint.pt
+
+Ten-crop as in the paper's §4.1: the four corner patches and the centre patch, each also reflected; the network's
+softmax probabilities (not its logits) are averaged over the ten patches, then ranked. The centre-crop result is
+measured in the same run with the centre-crop pipeline. Writes `<checkpoint dir>/eval-<split>.json`.
+"""
+import json
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from config import UsageError, parse_config, run_main, save_config
+from model import AlexNet
+from pipeline import eval_loader, read_manifest
+
+# The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
+PAPER_RESULTS = [
+    ("ILSVRC-2010 test, ten patches (Table 1)", 37.5, 17.0),
+    ("ILSVRC-2010 test, without ten-patch averaging", 39.0, 18.3),
+    ("ILSVRC-2012 val, 1 CNN (Table 2)", 40.7, 18.2),
+]
+TOP_K = (1, 5)
+
+
+@dataclass
+class EvalConfig:
+    data: str = "data/sample"  # shard directory written by `make shards`
+    checkpoint: str = "runs/demo/checkpoint.pt"  # checkpoint written by train.py
+    split: str = "val"  # split to evaluate: val, or test when the shards have one
+    batch_size: int = 64  # images per rank per batch (each expands to ten patches)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on a GPU (the CPU uses float32)
+    num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
+    save_predictions: bool = False  # also write per-image top-5 predictions and per-class accuracy
+
+
+# ---------------------------------------------------------------------------------------------------- scoring
+def ten_crop_probabilities(model, patches: torch.Tensor) -> torch.Tensor:
+    """[B, P, 3, H, W] patches -> [B, classes] softmax probabilities averaged over the P patches."""
+    batch, num_patches = patches.shape[:2]
+    logits = model(patches.flatten(0, 1)).float()
+    return logits.softmax(dim=1).view(batch, num_patches, -1).mean(dim=1)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> torch.Tensor:
+    """How many rows have their label among the k highest scores, for each k: int64 [len(ks)]."""
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def error_percent(correct: int, n: int) -> float:
+    return 100.0 * (1 - correct / n)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
+def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); a process group only under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA GPU is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world_size, device
+
+
+def load_model(path: Path, num_classes: int, device: torch.device) -> AlexNet:
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state, trained_classes = checkpoint["model"], checkpoint["num_classes"]
+    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
+        raise UsageError(f"checkpoint {path} is unreadable or not written by train.py ({type(e).__name__}: {e})")
+    if trained_classes != num_classes:
+        raise UsageError(f"checkpoint {path} has {trained_classes} classes but the shards have {num_classes}")
+    model = AlexNet(num_classes=num_classes)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def split_keys(data: Path, manifest: dict, split: str) -> list[str]:
+    """Sample keys in split order (shards in manifest order, samples in tar order): position -> file stem."""
+    keys = []
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(data / shard["file"]) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    keys.append(member.name[: -len(".jpg")])
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------- the pass
+@torch.inference_mode()
+def evaluate(model, loader, device, dtype, keep_predictions: bool):
+    """Top-k correct counts over this rank's samples, and (optionally) each sample's top-5 predictions."""
+    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=device.type == "cuda")
+    correct = torch.zeros(len(TOP_K), dtype=torch.int64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    predictions = []
+    for images, labels, index in loader:
+        with autocast:
+            if images.dim() == 5:
+                scores = ten_crop_probabilities(model, images)
+            else:
+                scores = model(images).float()
+        correct += topk_correct(scores, labels)
+        count += labels.numel()
+        if keep_predictions:
+            top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices.cpu()
+            predictions += [(int(i), int(y), p.tolist()) for i, y, p in zip(index, labels.cpu(), top5)]
+    return correct, count, predictions
+
+
+def reduce_results(correct, count, predictions, world_size):
+    """Exact totals over ranks: every real sample counted once, padding never reached this point."""
+    if world_size > 1:
+        dist.all_reduce(correct)
+        dist.all_reduce(count)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, predictions)
+        predictions = [p for part in gathered for p in part]
+    n = int(count)
+    errors = {f"top{k}_err": error_percent(int(c), n) for k, c in zip(TOP_K, correct.tolist())}
+    return n, errors, sorted(predictions)
+
+
+def per_class_accuracy(predictions, classes) -> list[dict]:
+    seen = [0] * len(classes)
+    top1 = [0] * len(classes)
+    for _, label, top5 in predictions:
+        seen[label] += 1
+        top1[label] += top5[0] == label
+    return [{"index": c["index"], "wnid": c["wnid"], "name": c["name"], "n": seen[i],
+             "top1_acc": 100.0 * top1[i] / seen[i] if seen[i] else None} for i, c in enumerate(classes)]
+
+
+def results_table(result: dict) -> str:
+    ten, center = result["ten_crop"], result["center"]
+    lines = [f"{'':50s} {'top-1 err':>9s} {'top-5 err':>9s}",
+             f"{'this run, ' + result['split'] + ', ten patches':50s} {ten['top1_err']:8.1f}% {ten['top5_err']:8.1f}%",
+             f"{'this run, ' + result['split'] + ', centre patch':50s} {center['top1_err']:8.1f}% "
+             f"{center['top5_err']:8.1f}%"]
+    lines += [f"{'paper: ' + name:50s} {t1:8.1f}% {t5:8.1f}%" for name, t1, t5 in PAPER_RESULTS]
+    lines.append(f"({result['n']} images, {result['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    cfg = parse_config(EvalConfig, argv, description=__doc__)
+    data, checkpoint_path = Path(cfg.data), Path(cfg.checkpoint)
+    if not (data / "manifest.json").is_file():
+        raise UsageError(f"{data} is not a shard directory (no manifest.json): run `make shards DATA={data}` first")
+    manifest = read_manifest(data)
+    if cfg.split not in manifest["splits"]:
+        raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
+    rank, world_size, device = setup_distributed(cfg.device)
+    model = load_model(checkpoint_path, len(manifest["classes"]), device)
+
+    def run_pass(crops: str, keep_predictions: bool):
+        loader = eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
+                             world_size=world_size, num_threads=cfg.num_threads or None, with_index=True)
+        correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
+        return reduce_results(correct, count, predictions, world_size)
+
+    start = time.perf_counter()
+    result = {"split": cfg.split, "checkpoint": str(checkpoint_path), "world_size": world_size}
+    result["n"], result["ten_crop"], predictions = run_pass("ten", cfg.save_predictions)
+    _, result["center"], _ = run_pass("center", False)
+    result["seconds"] = time.perf_counter() - start
+    if result["n"] != manifest["splits"][cfg.split]["num_samples"]:
+        raise RuntimeError(f"evaluated {result['n']} images but the manifest lists "
+                           f"{manifest['splits'][cfg.split]['num_samples']}")
+
+    if rank == 0:
+        out_dir = checkpoint_path.parent
+        (out_dir / f"eval-{cfg.split}.json").write_text(json.dumps(result, indent=2) + "\n")
+        save_config(cfg, out_dir / f"eval-{cfg.split}-config.json")
+        if cfg.save_predictions:
+            write_predictions(out_dir, cfg.split, data, manifest, predictions)
+        print(results_table(result))
+        print(f"wrote {out_dir / f'eval-{cfg.split}.json'}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def write_predictions(out_dir: Path, split: str, data: Path, manifest: dict, predictions) -> None:
+    classes = manifest["classes"]
+    keys = split_keys(data, manifest, split)
+    rows = [{"key": keys[i], "label": classes[y]["wnid"], "top5": [classes[p]["wnid"] for p in top5]}
+            for i, y, top5 in predictions]
+    (out_dir / f"predictions-{split}.json").write_text(json.dumps(rows) + "\n")
+    (out_dir / f"per-class-{split}.json").write_text(json.dumps(per_class_accuracy(predictions, classes), indent=1) + "\n")
+    print(f"wrote {out_dir / f'predictions-{split}.json'} and per-class-{split}.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
