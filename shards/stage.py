@@ -89,22 +89,20 @@ def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
     """Bring one shard and its index to `to`; returns (bytes, whether anything was copied)."""
     tar = Path(entry["file"])
     idx = tar.with_suffix(".idx")
-    src_tar, dst_tar, src_idx, dst_idx = data / tar, to / tar, data / idx, to / idx
     copied = False
-    if not (dst_tar.is_file() and dst_tar.stat().st_size == src_tar.stat().st_size
-            and verify_shard(dst_tar, entry) is None):
-        copy_atomically(src_tar, dst_tar)
-        problem = verify_shard(dst_tar, entry)
+    if not same_bytes(data / idx, to / idx):  # first: verify_shard checks the index against the tar
+        copy_atomically(data / idx, to / idx)
+        copied = True
+    dst = to / tar
+    if not (dst.is_file() and dst.stat().st_size == (data / tar).stat().st_size and verify_shard(dst, entry) is None):
+        copy_atomically(data / tar, dst)
+        copied = True
+        problem = verify_shard(dst, entry)
         if problem is not None:
-            dst_tar.unlink(missing_ok=True)
-            raise UsageError(f"{tar} copied from {data} fails verification: {problem}")
-        copied = True
-    if not same_bytes(src_idx, dst_idx):
-        copy_atomically(src_idx, dst_idx)
-        if not same_bytes(src_idx, dst_idx):
-            raise UsageError(f"{idx} differs from {src_idx} after copying")
-        copied = True
-    return src_tar.stat().st_size + src_idx.stat().st_size, copied
+            dst.unlink(missing_ok=True)
+            raise UsageError(f"the copy in {to} fails verification: {problem} (check the source with "
+                             f"`python -m shards verify --data={data}`)")
+    return shard_bytes(entry, data), copied
 
 
 def check_space(entries: list[dict], data: Path, to: Path) -> None:

@@ -24,4 +24,4 @@ array=$(sbatch --parsable --array="0-$((tasks - 1))" "$@" slurm/shards_array.sba
 array=${array%%;*}  # --parsable prints "id" or "id;cluster"
 merge=$(sbatch --parsable --dependency="afterok:$array" "$@" slurm/shards_merge.sbatch)
 merge=${merge%%;*}
-echo "submitted: shard array job $array ($tasks tasks), merge job $merge after it; follow with squeue -u $USER"
+echo "submitted: shard array job $array ($tasks tasks), merge job $merge after it; follow with: squeue -j $array,$merge"
