@@ -1,0 +1,228 @@
+"""Bad input accounting, statistics, array-task split and merge, resume after an interruption, verify."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config import UsageError
+from shards import build, image, verify
+from tests.test_shards_build import REPO, all_samples, jpeg_bytes, make_folders, run_cli, tree_bytes
+
+
+def exif_rotated_jpeg() -> bytes:
+    """Stored 80x40 with the left half red; orientation 6 shows it 40x80 with the top half red."""
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40] = (255, 0, 0)
+    pixels[:, 40:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", exif=exif, quality=95)
+    return out.getvalue()
+
+
+def png16() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) * 30).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_build(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    raw = make_folders(root / "raw", classes=("a", "b"), train=3, val=1)
+    rng = np.random.default_rng(5)
+    good = jpeg_bytes(rng, 64, 64)
+    odd = {
+        "train/a/empty.JPEG": b"",
+        "train/a/truncated.JPEG": good[: len(good) // 2],
+        "train/a/header_only.JPEG": good[:20],
+        "train/a/notes.JPEG": b"these are not pixels\n" * 10,
+        "train/b/README.txt": b"stray file\n",
+        "train/a/png_named.JPEG": jpeg_bytes(rng, fmt="PNG"),
+        "train/b/cmyk.JPEG": jpeg_bytes(rng, mode="CMYK"),
+        "train/b/grey.JPEG": jpeg_bytes(rng, mode="L"),
+        "train/b/rotated.JPEG": exif_rotated_jpeg(),
+        "train/b/alpha.png": jpeg_bytes(rng, mode="RGBA", fmt="PNG"),
+        "train/a/deep.png": png16(),
+        "train/a/palette.gif": jpeg_bytes(rng, mode="P", fmt="GIF"),
+        "val/a/val_empty.JPEG": b"",
+    }
+    for name, data in odd.items():
+        (raw / name).write_bytes(data)
+    data = root / "data"
+    proc = run_cli("build", f"--raw={raw}", f"--out={data}", "--shard_size=4")
+    return data, proc, json.loads((data / "manifest.json").read_text())
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_build):
+    data, proc, manifest = bad_build
+    reasons = {Path(r["source"]).name: r["reason"] for r in manifest["rejected"]}
+    assert set(reasons) == {"empty.JPEG", "truncated.JPEG", "header_only.JPEG", "notes.JPEG", "README.txt",
+                            "val_empty.JPEG"}
+    assert "empty" in reasons["empty.JPEG"] and "not an image" in reasons["notes.JPEG"]
+    assert "truncated" in reasons["truncated.JPEG"]
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    assert (train["num_inputs"], train["num_samples"], train["num_rejected"]) == (6 + 12, 6 + 12 - 5, 5)
+    assert (val["num_inputs"], val["num_samples"], val["num_rejected"]) == (3, 2, 1)
+    assert "train: 18 inputs = 13 written + 5 rejected" in proc.stderr
+    assert "val: 3 inputs = 2 written + 1 rejected" in proc.stderr
+    for split, entry in manifest["splits"].items():
+        assert len(all_samples(data, split)) == entry["num_samples"] == sum(s["num_samples"] for s in entry["shards"])
+
+
+def test_convertible_inputs_are_converted_and_listed(bad_build):
+    data, _, manifest = bad_build
+    what = {Path(c["source"]).name: c["what"] for c in manifest["converted"]}
+    assert what == {"png_named.JPEG": "PNG->JPEG", "cmyk.JPEG": "CMYK->RGB", "grey.JPEG": "greyscale->RGB",
+                    "rotated.JPEG": "EXIF orientation 6 applied", "alpha.png": "PNG->JPEG, RGB+alpha->RGB",
+                    "deep.png": "PNG->JPEG, I;16->RGB", "palette.gif": "GIF->JPEG, palette->RGB"}
+    samples = {s["__key__"]: s for s in all_samples(data, "train")}
+    rotated = np.asarray(Image.open(io.BytesIO(samples["rotated"]["jpg"])))
+    assert rotated[20, 128, 0] > 200 and rotated[20, 128, 2] < 60  # top: red
+    assert rotated[236, 128, 2] > 200 and rotated[236, 128, 0] < 60  # bottom: blue
+    for key in ("cmyk", "grey", "png_named", "deep", "palette", "alpha"):
+        im = Image.open(io.BytesIO(samples[key]["jpg"]))
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (256, 256))
+
+
+def test_statistics_equal_a_direct_numpy_computation(bad_build):
+    """Exact sums in the build == float64 NumPy over the stacked pixels of every written training image."""
+    data, _, manifest = bad_build
+    raw = Path(manifest["params"]["raw"])
+    rejected = {r["source"] for r in manifest["rejected"]}
+    sources = sorted(p for p in (raw / "train").rglob("*") if p.is_file() and str(p.relative_to(raw)) not in rejected)
+    pixels = np.stack([image.prepare(p.read_bytes())[1] for p in sources]).astype(np.float64)
+    assert len(pixels) == manifest["splits"]["train"]["num_samples"]
+    flat = pixels.reshape(-1, 3) / 255.0
+    eigval, eigvec = np.linalg.eigh(np.cov(flat, rowvar=False, bias=True))
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    with np.load(data / "stats.npz") as z:
+        np.testing.assert_allclose(z["mean_image"], pixels.mean(0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(z["rgb_mean"], flat.mean(0) * 255, rtol=1e-12)
+        np.testing.assert_allclose(z["pca_eigval"], eigval, rtol=1e-9)
+        np.testing.assert_allclose(np.abs(z["pca_eigvec"].T @ eigvec), np.eye(3), atol=1e-6)  # up to sign
+        np.testing.assert_allclose(manifest["stats"]["pca_eigval"], z["pca_eigval"], rtol=1e-12)
+    # The mean image also matches what a reader decodes from the shards, within the JPEG error.
+    decoded = np.mean([np.asarray(Image.open(io.BytesIO(s["jpg"])), np.float64) for s in all_samples(data, "train")], 0)
+    assert np.abs(decoded - pixels.mean(0)).mean() < 2.0
+
+
+# --- array tasks, merge, resume ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Small class folders and their single-process build."""
+    root = tmp_path_factory.mktemp("tasks")
+    raw = make_folders(root / "raw", classes=("c0", "c1", "c2", "c3"), train=5, val=2, seed=3)
+    data = root / "single"
+    build.build(build.BuildConfig(raw=str(raw), out=str(data), shard_size=3, workers=2))
+    return raw, data
+
+
+def test_array_tasks_then_merge_give_the_same_bytes(reference, tmp_path):
+    raw, single = reference
+    out = tmp_path / "tasks"
+    cfg = lambda i: build.BuildConfig(raw=str(raw), out=str(out), shard_size=3, workers=1, task_index=i,  # noqa: E731
+                                      num_tasks=3)
+    written = set()
+    for i in range(3):
+        assert build.build(cfg(i)) is None
+        mine = {str(p.relative_to(out)) for p in out.glob("*/*.tar")} - written
+        assert mine and not (mine & written)  # each task writes a disjoint set of shards
+        written |= mine
+        assert not (out / "manifest.json").exists()
+        if i == 1:
+            with pytest.raises(UsageError, match="not complete"):
+                build.merge(out)
+    run_cli("merge", f"--out={out}")
+    assert tree_bytes(out) == tree_bytes(single)
+
+
+def test_rerun_after_interruption_redoes_only_missing_shards(reference, tmp_path, monkeypatch):
+    raw, single = reference
+    out = tmp_path / "resumed"
+    real_write = build.write_shard
+    calls = []
+
+    def write_then_die(*args, **kwargs):
+        if len(calls) == 3:
+            tar = args[0] / args[1].file  # half a shard on disk, as a kill leaves it
+            tar.parent.mkdir(parents=True, exist_ok=True)
+            tar.with_name(tar.name + ".tmp").write_bytes(b"\0" * 1000)
+            raise KeyboardInterrupt
+        calls.append(args[1].name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(build, "write_shard", write_then_die)
+    cfg = build.BuildConfig(raw=str(raw), out=str(out), shard_size=3, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        build.build(cfg)
+    assert not (out / "manifest.json").exists()
+    assert len(list(out.glob("*/*.tar"))) == 3 and list(out.glob("*/*.tmp"))
+    monkeypatch.setattr(build, "write_shard", lambda *a, **k: calls.append(a[1].name) or real_write(*a, **k))
+    build.build(cfg)
+    assert len(calls) == len(set(calls)) == 7 + 3  # 10 shards in all, each written once
+    assert not list(out.glob("*/*.tmp"))
+    assert tree_bytes(out) == tree_bytes(single)
+
+
+def test_rerun_with_other_parameters_is_refused(reference):
+    raw, single = reference
+    with pytest.raises(UsageError, match="seed"):
+        build.build(build.BuildConfig(raw=str(raw), out=str(single), shard_size=3, workers=1, seed=7))
+
+
+@pytest.mark.slow
+def test_killed_build_resumes_to_identical_bytes(reference, tmp_path):
+    raw, single = reference
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "shards", "build", f"--raw={raw}", f"--out={out}", "--shard_size=3", "--workers=1"]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(out.glob("train/*.tar")) and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # killed part-way
+    run_cli("build", *args[4:])
+    assert tree_bytes(out) == tree_bytes(single)
+
+
+# --- verify --------------------------------------------------------------------------------------------------------
+
+def test_verify_names_missing_truncated_and_altered_shards(reference, tmp_path):
+    raw, single = reference
+    data = tmp_path / "copy"
+    build.build(build.BuildConfig(raw=str(raw), out=str(data), shard_size=3, workers=1))
+    assert verify.verify(data) == []
+    assert run_cli("verify", f"--data={data}").returncode == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    entries = manifest["splits"]["train"]["shards"]
+    assert all(verify.verify_shard(data / e["file"], e) is None for e in entries)
+    (data / entries[0]["file"]).unlink()
+    truncated = data / entries[1]["file"]
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    altered = bytearray((data / entries[2]["file"]).read_bytes())
+    altered[1200] ^= 0xFF  # inside the first JPEG
+    (data / entries[2]["file"]).write_bytes(bytes(altered))
+    problems = verify.verify(data)
+    assert len(problems) == 3
+    assert "missing" in problems[0] and entries[0]["file"] in problems[0]
+    assert entries[1]["file"] in problems[1] and "truncated" in problems[1]
+    assert entries[2]["file"] in problems[2] and "altered" in problems[2]
+    proc = run_cli("verify", f"--data={data}", check=False)
+    assert proc.returncode == 1
+    assert all(e["file"] in proc.stderr for e in entries[:3])
+    idx = (data / entries[3]["file"]).with_suffix(".idx")
+    idx.write_text(idx.read_text().replace("jpg 512", "jpg 1024"))
+    assert "index" in verify.verify_shard(data / entries[3]["file"], entries[3])
