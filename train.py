@@ -1,0 +1,366 @@
+"""Train AlexNet on ImageNet shards with the recipe of Krizhevsky, Sutskever & Hinton (2012).
+
+    python train.py --data=data/imagenet --run=runs/alexnet                  # one GPU (or the CPU)
+    python train.py --data=data/imagenet --run=runs/alexnet --compile        # faster on a GPU
+    torchrun --nproc_per_node=8 train.py --data=data/imagenet --run=runs/a8  # DDP: 8 GPUs, 16 images each
+    python train.py --data=data/sample --run=runs/demo --preset=demo         # `make demo`: 2 CPU cores
+    python train.py --help                                                   # every option
+
+Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end; --resume=false starts over).
+
+Batch size and learning rate with several GPUs: `batch_size` is global. With N ranks each rank takes
+batch_size/N images per step and DDP averages the gradients, so a step is the same computation as one device
+doing the whole batch (AlexNet has no batch normalisation), and `lr` needs no change: more GPUs make each step
+faster, not different. To use the extra GPUs for larger batches instead, raise both: the linear rule
+(lr = 0.01 * batch_size / 128, Goyal et al. 2017) is the usual starting point; it is not applied automatically.
+
+SIGTERM or SIGUSR1 (Slurm's warning before the time limit) to any rank: at the next log interval all ranks
+agree to stop, rank 0 writes RUN/checkpoint.pt with the batches done in the current epoch, prints a line
+starting `preempted:` and every rank exits with status 0. The rerun replays the epoch's loader up to that
+point without training on it and continues with the rest of the epoch, so the run is the same as one that was
+never stopped. A NaN/inf loss ends the run with status 1 and leaves the last checkpoint as it was.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import UsageError, parse_config, run_main, save_config
+from model import AlexNet
+from pipeline import eval_loader, read_manifest, train_loader
+
+
+@dataclass
+class Config:
+    data: str = "data/sample"  # shard directory written by `python -m shards build`
+    run: str = "runs/alexnet"  # output directory: config.json, metrics.jsonl, curves.png, checkpoint.pt
+    preset: Literal["none", "demo"] = "none"  # demo: the built-in sample on 2 CPU cores (explicit options still win)
+    epochs: int = 90  # passes over the training set
+    batch_size: int = 128  # images per step, summed over all ranks
+    lr: float = 0.01  # learning rate per step of batch_size images (not rescaled with the GPU count)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 penalty on every weight and bias, as in the paper's update rule
+    lr_patience: int = 2  # epochs in a row without a new best val top-1 error before lr /= 10
+    max_lr_drops: int = 3  # the paper divided the learning rate by 10 three times
+    dropout: float = 0.5  # dropout probability on the outputs of fc6 and fc7
+    lighting: float = 0.1  # std of the PCA lighting coefficients (0: off)
+    mean: Literal["pixel", "channel"] = "pixel"  # subtract the per-pixel mean image (the paper) or the RGB mean
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast dtype on the GPU (the CPU always runs float32)
+    channels_last: bool = True  # NHWC memory layout on the GPU (faster convolutions on tensor cores)
+    compile: bool = False  # torch.compile the model (about a minute of compiling first)
+    num_threads: int = 0  # DALI CPU threads per rank (0: this node's CPUs divided among its ranks)
+    storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
+    log_interval: int = 100  # steps between metric lines (the only host-device syncs in the loop)
+    max_steps_per_epoch: int = 0  # stop each epoch after this many steps (0: the whole epoch; for quick tests)
+    seed: int = 0  # seeds the data order, augmentation, dropout and initialisation
+    resume: bool = True  # continue from RUN/checkpoint.pt when there is one (false: start over)
+    log_labels: bool = False  # each rank prints the labels it trained on (to test the data split across ranks)
+
+
+# The demo preset: full AlexNet on the built-in sample (10 classes, a few hundred images) on 2 CPU cores within
+# 10 minutes. Small batches give more steps in the time. A lower lr: with few classes the paper's bias-1
+# initialisation makes the logits move together, and lr 0.01 at this batch size throws them about.
+DEMO = dict(epochs=12, batch_size=16, lr=0.002, lr_patience=1, log_interval=5, num_threads=2)
+
+
+def derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(keys).generate_state(1)[0] % 2**31)
+
+
+class DropOnPlateau:
+    """lr /= 10 when val error has not improved for `patience` epochs in a row, at most `max_drops` times.
+
+    The paper's heuristic ("divide by 10 when the validation error rate stopped improving"); it gives no patience.
+    """
+
+    def __init__(self, optimizer, patience: int, max_drops: int):
+        self.optimizer, self.patience, self.max_drops = optimizer, patience, max_drops
+        self.best, self.bad_epochs, self.drops = math.inf, 0, 0
+
+    def step(self, error: float) -> None:
+        self.best, self.bad_epochs = (error, 0) if error < self.best else (self.best, self.bad_epochs + 1)
+        if self.bad_epochs >= self.patience and self.drops < self.max_drops:
+            for group in self.optimizer.param_groups:
+                group["lr"] /= 10
+            self.drops, self.bad_epochs = self.drops + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "drops": self.drops}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_epochs, self.drops = state["best"], state["bad_epochs"], state["drops"]
+
+
+def all_sum(values: list[float] | torch.Tensor, device, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Sum (or `op`) over ranks, in float64 so that counts stay exact. A host-device sync: use at intervals only."""
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op)
+    return t.cpu()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast) -> dict:
+    """Centre-crop loss and top-1/top-5 errors, summed over every real sample of every rank: exact."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 correct, top-5 correct, samples
+    for images, labels in loader:
+        with autocast:
+            logits = model(images).float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(1).sum()
+        sums[3] += len(labels)
+    loss, top1, top5, n = all_sum(sums, device).tolist()
+    return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n, "val_samples": int(n)}
+
+
+def save_atomically(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if "epoch" not in r]
+    epochs = [r for r in rows if "epoch" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="train (interval)")
+    left.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train (epoch)")
+    left.plot([r["step"] for r in epochs], [r["val_loss"] for r in epochs], "s-", label="val")
+    left.set(xlabel="step", ylabel="cross-entropy loss", title="loss")
+    for key, label in (("train_top1_err", "train top-1"), ("val_top1_err", "val top-1"), ("val_top5_err", "val top-5")):
+        right.plot([r["epoch"] for r in epochs], [r[key] for r in epochs], "o-", label=label)
+    right.set(xlabel="epoch", ylabel="error", title="error", ylim=(0, 1))
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_name("curves.tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(path.with_name("curves.tmp.png"), path)
+
+
+def main(argv: list[str]) -> None:
+    # ---- config: defaults < preset < explicit --key=value
+    cfg = parse_config(Config, argv, description=__doc__)
+    if cfg.preset == "demo":
+        explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        cfg = replace(cfg, **{k: v for k, v in DEMO.items() if k not in explicit})
+    try:
+        num_classes = len(read_manifest(cfg.data)["classes"])
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+    # ---- setup: processes, device, run directory, signals
+    distributed = "RANK" in os.environ  # started by torchrun
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA GPU is visible")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cfg.batch_size % world_size:
+        raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {world_size} ranks")
+    if distributed:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    master = rank == 0
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = cuda and cfg.dtype == "bfloat16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    channels_last = cuda and cfg.channels_last
+    run = Path(cfg.run)
+    ckpt_path, metrics_path = run / "checkpoint.pt", run / "metrics.jsonl"
+    ckpt = torch.load(ckpt_path, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
+    if master:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.json")
+    stop_signal = []  # set by the handler, acted on at the next sync point so that all ranks stop together
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+
+    # ---- loaders: each rank reads its own 1/world_size of every split
+    per_rank = cfg.batch_size // world_size
+    io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
+    common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
+                  dtype="bfloat16" if bf16 else "float32",
+                  num_threads=cfg.num_threads or max(1, (os.cpu_count() or 1) // local_size), **io)
+
+    def epoch_loader(epoch: int):
+        # A fresh loader per epoch, seeded by (seed, epoch): epoch e reads the same batches whether the run
+        # got there without a break or resumed from a checkpoint. Building it costs about a second.
+        return train_loader(cfg.data, per_rank, seed=derived_seed(cfg.seed, epoch), lighting=cfg.lighting, **common)
+
+    val = eval_loader(cfg.data, "val", "center", per_rank, **common)
+
+    # ---- model
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw_model = AlexNet(num_classes=num_classes, dropout=cfg.dropout).to(device)
+    if channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    # ---- optimiser and schedule. PyTorch's SGD keeps the velocity of g + wd*w and multiplies by lr when
+    # stepping; the paper's rule puts lr inside the velocity. They differ only for a few steps after an lr drop.
+    optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, fused=cuda)
+    schedule = DropOnPlateau(optimizer, cfg.lr_patience, cfg.max_lr_drops)
+    start_epoch, skip, step, carried, rows = 0, 0, 0, [0.0, 0.0, 0.0, 0.0], []
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["scheduler"])
+        start_epoch, skip, step, carried = ckpt["epoch"], ckpt["batches_done"], ckpt["step"], ckpt["epoch_sums"]
+        changed = sorted(k for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v and k != "resume")
+        if master:
+            print(f"resuming from {ckpt_path}: epoch {start_epoch} done, +{skip} batches, step {step}"
+                  + (f" (options changed since: {', '.join(changed)})" if changed else ""), flush=True)
+    if master and metrics_path.exists():  # drop lines written after the checkpoint (a crash, not a clean stop)
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if ckpt else []
+        rows = [r for r in rows if r["step"] <= step]
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def checkpoint(epochs_done: int, batches_done: int, epoch_sums: list[float]) -> None:
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
+        rngs = [None] * world_size
+        if distributed:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            save_atomically({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": schedule.state_dict(), "epoch": epochs_done, "batches_done": batches_done,
+                             "step": step, "epoch_sums": epoch_sums, "config": asdict(cfg),
+                             "num_classes": num_classes, "world_size": world_size, "rng": rngs}, ckpt_path)
+
+    def finish(code: int, message: str = "") -> None:
+        if message and master:
+            print(message, file=sys.stderr if code else sys.stdout, flush=True)
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(code)
+
+    # ---- loop
+    if master:
+        print(f"training on {world_size} x {device.type} ({per_rank} images per rank per step), "
+              f"{num_classes} classes, epochs {start_epoch + 1}..{cfg.epochs}, lr {optimizer.param_groups[0]['lr']:g}")
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(derived_seed(cfg.seed, epoch, rank))  # dropout masks, like the data, fixed per epoch
+        if skip and len(ckpt["rng"]) == world_size:  # a mid-epoch stop: continue the RNG from where it was
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if cuda and "cuda" in ckpt["rng"][rank]:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
+        loader = epoch_loader(epoch)
+        # Ranks' shares differ by at most one sample, so len() may differ by one: all ranks take the shortest.
+        steps = int(all_sum([len(loader)], device, op=dist.ReduceOp.MIN)[0])
+        steps = min(steps, cfg.max_steps_per_epoch or steps)
+        train_model.train()
+        epoch_sums = torch.tensor(carried, dtype=torch.float64, device=device)  # loss, correct, images, seconds
+        interval = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
+        clock = time.perf_counter()
+        seen = []
+        bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
+                   leave=False, dynamic_ncols=True)
+        for i, (images, labels) in enumerate(loader):
+            if i >= steps:
+                break
+            if i < skip:  # done before the stop: read (so that the rest is the same) but not trained on
+                continue
+            with autocast:
+                logits = train_model(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+            n = len(labels)
+            # Running sums stay on the device: no .item() here, which would wait for the GPU every step.
+            batch = torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
+            epoch_sums[:2] += batch
+            epoch_sums[2] += n
+            interval += torch.stack([batch[0], batch.new_tensor(n)])
+            if cfg.log_labels:
+                seen += labels.tolist()
+            if step % cfg.log_interval == 0 or i + 1 == steps:
+                # The one sync point: loss, images and the stop flag summed over ranks in one all_reduce.
+                loss_sum, images_done, stop = all_sum([*interval.tolist(), float(bool(stop_signal))], device)
+                now = time.perf_counter()
+                loss_mean, lr = loss_sum.item() / images_done.item(), optimizer.param_groups[0]["lr"]
+                row = {"step": step, "loss": loss_mean, "lr": lr, "images_per_s": images_done.item() / (now - clock)}
+                epoch_sums[3] += now - clock
+                clock, interval = now, torch.zeros_like(interval)
+                if master:
+                    log(row)
+                    bar.write(f"epoch {epoch + 1} step {step}: loss {loss_mean:.4f}, lr {lr:g}, "
+                              f"{row['images_per_s']:,.0f} images/s")
+                if not math.isfinite(loss_mean):
+                    finish(1, f"diverged: loss is {loss_mean} at epoch {epoch + 1}, step {step}; the last good "
+                              f"checkpoint is {ckpt_path} (try a lower --lr)")
+                if stop and i + 1 < steps:
+                    checkpoint(epoch, i + 1, epoch_sums.tolist())
+                    finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
+                              f"saved {ckpt_path} at epoch {epoch + 1}, batch {i + 1}/{steps}; rerun to resume")
+        bar.close()
+        if cfg.log_labels:
+            print(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}", flush=True)
+        loss_sum, correct, images_done, seconds = all_sum(epoch_sums, device).tolist()
+        seconds /= world_size
+        metrics = evaluate(model, val, device, autocast)
+        schedule.step(metrics["val_top1_err"])
+        row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / images_done,
+               "train_top1_err": 1 - correct / images_done, **metrics, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_time_s": seconds, "images_per_s": images_done / seconds}
+        skip, carried = 0, [0.0, 0.0, 0.0, 0.0]
+        if master:
+            log(row)
+            plot_curves(rows, run / "curves.png")
+            print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
+                  f"train top-1 err {row['train_top1_err']:.2%}, val top-1 err {row['val_top1_err']:.2%}, "
+                  f"val top-5 err {row['val_top5_err']:.2%}, {seconds:.0f} s, {row['images_per_s']:,.0f} images/s, "
+                  f"next lr {row['lr']:g}", flush=True)
+        if not math.isfinite(row["train_loss"]):
+            finish(1, f"diverged: mean train loss of epoch {epoch + 1} is {row['train_loss']}")
+        checkpoint(epoch + 1, 0, carried)
+        if epoch + 1 < cfg.epochs and all_sum([float(bool(stop_signal))], device)[0] > 0:
+            finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; saved {ckpt_path} "
+                      f"after epoch {epoch + 1}; rerun to resume")
+
+    # ---- final evaluation (also when rerun after the last epoch)
+    metrics = evaluate(model, val, device, autocast)
+    if master:
+        print(f"final: val top-1 error {metrics['val_top1_err']:.2%} (accuracy {1 - metrics['val_top1_err']:.2%}), "
+              f"top-5 error {metrics['val_top5_err']:.2%} on {metrics['val_samples']} images (centre crop); "
+              f"ten-crop: python eval.py --data={cfg.data} --checkpoint={ckpt_path}", flush=True)
+    finish(0)
+
+
+if __name__ == "__main__":
+    run_main(main)
