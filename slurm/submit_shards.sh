@@ -15,13 +15,14 @@ if [[ ! -x ${VENV:-.venv}/bin/python ]]; then
     echo "error: no ${VENV:-.venv}/bin/python: run \`make setup\` here first (the jobs use it)" >&2
     exit 2
 fi
-tasks=${NUM_TASKS:-32}
-if ! [[ $tasks =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: NUM_TASKS=$tasks: expected a positive whole number" >&2
+NUM_TASKS=${NUM_TASKS:-32}
+if ! [[ $NUM_TASKS =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NUM_TASKS=$NUM_TASKS: expected a positive whole number" >&2
     exit 2
 fi
-array=$(sbatch --parsable --array="0-$((tasks - 1))" "$@" slurm/shards_array.sbatch)
+export NUM_TASKS
+array=$(sbatch --parsable --array="0-$((NUM_TASKS - 1))" "$@" slurm/shards_array.sbatch)
 array=${array%%;*}  # --parsable prints "id" or "id;cluster"
 merge=$(sbatch --parsable --dependency="afterok:$array" "$@" slurm/shards_merge.sbatch)
 merge=${merge%%;*}
-echo "submitted: shard array job $array ($tasks tasks), merge job $merge after it; follow with: squeue -j $array,$merge"
+echo "submitted: shard array job $array ($NUM_TASKS tasks), merge job $merge after it; follow with: squeue -j $array,$merge"

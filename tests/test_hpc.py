@@ -101,13 +101,17 @@ def built(tmp_path_factory):
     write_folders(raw)
     env = slurm_env(tmp, RAW=str(raw), DATA=str(array), SHARDS_ARGS=f"--shard_size={SHARD_SIZE}")
     written, logs = [], []
+    array_env = {"SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": str(NUM_TASKS - 1),
+                 "SLURM_ARRAY_TASK_COUNT": str(NUM_TASKS)}
+    # Task 2 as a rerun of that task alone would see it (`NUM_TASKS=3 sbatch --array=2`).
+    rerun_env = {"SLURM_ARRAY_JOB_ID": "600", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_MAX": "2",
+                 "SLURM_ARRAY_TASK_COUNT": "1", "NUM_TASKS": str(NUM_TASKS)}
     for task in range(NUM_TASKS):  # in an order other than 0..n-1: tasks are independent
         task = (task + 1) % NUM_TASKS
         before = shard_files(array)
         result = run_script("shards_array.sbatch", {
-            **env, "SLURM_JOB_ID": str(500 + task), "SLURM_ARRAY_JOB_ID": "500", "SLURM_ARRAY_TASK_ID": str(task),
-            "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": str(NUM_TASKS - 1),
-            "SLURM_ARRAY_TASK_COUNT": str(NUM_TASKS)})
+            **env, **(rerun_env if task == 2 else array_env), "SLURM_JOB_ID": str(500 + task),
+            "SLURM_ARRAY_TASK_ID": str(task)})
         after = shard_files(array)
         assert all(after[name] == content for name, content in before.items()), "a task changed another's shard"
         written.append(set(after) - set(before))
@@ -159,6 +163,7 @@ def test_submit_shards_chains_merge_after_array(tmp_path):
                              "slurm/shards_merge.sbatch"]
     # Relative paths are made absolute before the jobs (which start in the project directory) see them.
     assert array["env"]["RAW"] == str(tmp_path / "raw-here") and merge["env"]["DATA"] == str(tmp_path / "shards")
+    assert array["env"]["NUM_TASKS"] == "3"
     assert "1001" in result.stdout and "1002" in result.stdout
 
 

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-ENV_KEYS = ("SLURM_JOB_ID", "RAW", "DATA", "RUN")
+ENV_KEYS = ("SLURM_JOB_ID", "RAW", "DATA", "RUN", "NUM_TASKS")
 
 
 def record(cmd: str, args: list[str]) -> None:
