@@ -42,7 +42,8 @@ def slurm_env(tmp: Path, **extra: str) -> dict:
     env.update(PATH=f"{STUBS}{os.pathsep}{env['PATH']}", STUB_LOG=str(tmp / "calls.jsonl"),
                SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="1")
     env.update(extra)
-    env.setdefault("VENV", str(fake_venv(tmp)))
+    if "VENV" not in env:
+        env["VENV"] = str(fake_venv(tmp))
     return env
 
 
@@ -239,7 +240,7 @@ def test_train_one_node_runs_torchrun_standalone(tmp_path):
                     TRAIN_ARGS="--epochs=90 --batch_size=256")
     run_script("train.sbatch", env)
     (torchrun,) = calls(tmp_path, "torchrun")
-    assert torchrun["args"] == ["--standalone", "--nnodes=1", "--nproc_per_node=4", "train.py",
+    assert torchrun["args"] == ["--standalone", "--nnodes=1", "--nproc_per_node=4", "--", "train.py",
                                 "--data=/scratch/shards", f"--run={tmp_path / 'run'}", "--storage=network",
                                 "--epochs=90", "--batch_size=256"]
     assert not calls(tmp_path, "srun") and not calls(tmp_path, "scontrol"), "one node needs neither"
@@ -255,8 +256,8 @@ def test_train_several_nodes_rendezvous_on_the_first(tmp_path):
                                 "--kill-on-bad-exit=1"]
     assert srun["args"][5:6] == ["slurm/launch_node.sh"]
     (torchrun,) = calls(tmp_path, "torchrun")
-    assert torchrun["args"][:6] == ["--nnodes=3", "--rdzv_id=4242", "--rdzv_backend=c10d",
-                                    "--rdzv_endpoint=gpu017:29642", "--nproc_per_node=2", "train.py"]
+    assert torchrun["args"][:7] == ["--nnodes=3", "--rdzv_id=4242", "--rdzv_backend=c10d",
+                                    "--rdzv_endpoint=gpu017:29642", "--nproc_per_node=2", "--", "train.py"]
     assert srun["args"][6:] == torchrun["args"]
     assert calls(tmp_path, "scontrol")[0]["args"] == ["show", "hostnames", "gpu[017-018,020]"]
 
@@ -277,33 +278,32 @@ def test_train_stages_to_local_disk_on_every_node(built, tmp_path):
 
 # --- training: SIGUSR1 before the time limit -> checkpoint -> requeue -----------------------------------------------
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, output) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the job ended (status {proc.returncode}) before {what}")
+            raise AssertionError(f"the job ended (status {proc.returncode}) before {what}:\n{output()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout:.0f} s")
+            raise AssertionError(f"no {what} after {timeout:.0f} s:\n{output()}")
         time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_usr1_checkpoints_and_requeues(built, tmp_path):
-    if not (REPO / "train.py").exists():
-        pytest.skip("train.py is not in this checkout yet")
     run = tmp_path / "run"
     torchrun = f'#!/bin/bash\nexec "{sys.executable}" -m torch.distributed.run "$@"\n'
     env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(run), SLURM_JOB_ID="4242",
                     SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="1",
-                    STORAGE="", TRAIN_ARGS="--preset=demo --epochs=1000",
+                    TRAIN_ARGS="--preset=demo --epochs=1000 --num_threads=1",
                     VENV=str(fake_venv(tmp_path, torchrun=torchrun)))
     log = open(tmp_path / "job.out", "w+")
     job = subprocess.Popen(["bash", str(SLURM / "train.sbatch")], env=env, cwd=REPO, stdout=log,
                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Training has begun once the trainer has written something to RUN; the signal must find its handler.
-        wait_for(lambda: run.exists() and any(run.iterdir()), 240, "run directory", job)
-        time.sleep(10)
+        # train.py installs its handler right after writing config.json; a signal before that would be lost.
+        wait_for(lambda: (run / "config.json").exists(), 240, "RUN/config.json", job,
+                 lambda: (tmp_path / "job.out").read_text())
+        time.sleep(5)
         job.send_signal(signal.SIGUSR1)
         job.wait(timeout=240)
     finally:
