@@ -226,3 +226,37 @@ def test_verify_names_missing_truncated_and_altered_shards(reference, tmp_path):
     idx = (data / entries[3]["file"]).with_suffix(".idx")
     idx.write_text(idx.read_text().replace("jpg 512", "jpg 1024"))
     assert "index" in verify.verify_shard(data / entries[3]["file"], entries[3])
+
+
+# --- speed script and resampling quality ---------------------------------------------------------------------------
+
+def test_speed_script_reports_rates_ratio_and_quality(imagenet_sample_dir, tmp_path):
+    from shards import speed
+
+    files = sorted(imagenet_sample_dir.glob("*.JPEG"))
+    picked = [f for f in files if f.name.startswith(("n02091032_Italian", "n01440764", "n01871265"))]
+    for f in picked:  # the largest (2400x1600, DCT-downscaled), a typical one, the smallest (75x56, upscaled)
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    result = speed.measure(speed.SpeedConfig(images=str(tmp_path), repeats=1))
+    assert result["images"] == 3 and set(result["rates"]) == {"plain", "build", "decode"}
+    assert result["ratio"] == pytest.approx(result["rates"]["build"] / result["rates"]["plain"])
+    text = speed.report(result)
+    assert "images/s per core" in text and "build / plain" in text
+    # Resampling quality: the build's pixels are at least as close to exact float LANCZOS as the plain way's.
+    (plain, _, n), (fast, _, _) = result["quality"]["plain"], result["quality"]["build"]
+    assert n == 3 and plain > 50 and fast > plain - 0.1
+
+
+def test_reference_resampling_matches_pillow_lanczos_geometry():
+    from shards import speed
+
+    y, x = np.mgrid[0:300, 0:420]
+    smooth = np.stack([128 + 100 * np.sin(x / 9.0), 128 + 100 * np.cos(y / 7.0), np.full(x.shape, 90.0)], -1)
+    out = io.BytesIO()
+    Image.fromarray(smooth.astype(np.uint8)).save(out, format="PNG")
+    ref = speed.reference_patch(out.getvalue())
+    assert ref.shape == (256, 256, 3)
+    # Only Pillow's 8-bit rounding (after each of its two passes) separates it from the exact reference.
+    assert np.abs(speed.plain_patch(out.getvalue()) - ref).max() <= 1.5
+    shifted = speed.lanczos_matrix(300, 256, 1.0, 301.0)  # a one-pixel shift of the box would show
+    assert np.abs(shifted - speed.lanczos_matrix(300, 256, 0.0, 300.0)).max() > 0.1
