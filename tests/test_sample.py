@@ -143,14 +143,16 @@ def mean_colour_thumbnail(data: bytes) -> np.ndarray:
 
 
 def test_ground_truth_matches_the_pictures(train_files, val_files, ground_truth, synsets):
-    """Nearest class centroid of tiny thumbnails: the classes are easy to tell apart, and labelled right."""
+    """Nearest class centroid of 4x4 thumbnails: the classes are easy to tell apart, and labelled right.
+
+    Mismatched labels would score about 1 in 10; the threshold leaves room for the colour jitter."""
     id_of = {s["WNID"]: int(s["ILSVRC2012_ID"]) for s in synsets}
     centroids = {id_of[name.removesuffix(".tar")]: np.mean([mean_colour_thumbnail(d) for d in images.values()], 0)
                  for name, images in train_files.items()}
     predicted = [min(centroids, key=lambda i: np.linalg.norm(mean_colour_thumbnail(d) - centroids[i]))
                  for d in val_files.values()]
     accuracy = np.mean(np.array(predicted) == np.array(ground_truth))
-    assert accuracy >= 0.8, accuracy
+    assert accuracy >= 0.5, accuracy
 
 
 def test_same_seed_gives_identical_archives(sample_dir, tmp_path):
