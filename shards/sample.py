@@ -189,6 +189,7 @@ def image_size(rng, small: bool) -> tuple[int, int]:
 
 
 def jittered(rgb, rng, amount=30):
+    """`rgb` moved by up to `amount` (0-255 scale) per channel, so no two pictures share exact colours."""
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255)
 
 
