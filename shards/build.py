@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -119,7 +120,7 @@ def save_plan(out: Path, plan: dict) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")  # array tasks may race here
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

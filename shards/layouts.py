@@ -35,11 +35,21 @@ class Item:
     problem: str = ""  # known before reading (e.g. no label): the item is listed as rejected with this reason
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            if self.size < 0:
+        if self.size < 0:
+            with open(self.path, "rb") as f:
                 return f.read()
-            f.seek(self.offset)
-            return f.read(self.size)
+        # One descriptor per archive and process: opening a 140 GB archive per image would load a parallel file
+        # system's metadata server for nothing.
+        fd = OPEN_ARCHIVES.get(self.path)
+        if fd is None:
+            fd = OPEN_ARCHIVES[self.path] = os.open(self.path, os.O_RDONLY)
+        data = os.pread(fd, self.size, self.offset)
+        if len(data) != self.size:
+            raise OSError(f"archive ends {self.size - len(data)} bytes early")
+        return data
+
+
+OPEN_ARCHIVES: dict[str, int] = {}  # path -> file descriptor, per process
 
 
 @dataclasses.dataclass
@@ -132,8 +142,13 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
                 entries.append((index_of(index, wnid, f) if wnid else -1, wnid or "", f))
         else:
             class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if not class_dirs:
-                continue
+            loose = files_under(folder)
+            if loose and not class_dirs:
+                raise UsageError(f"{folder} holds {len(loose)} files but no class folders: expected "
+                                 f"{folder}/<wnid>/<image> (reorganise a flat val folder by its labels first)")
+            for f in loose:  # stray files beside the class folders: listed, not silently skipped
+                problems[f] = "not inside a class folder"
+                entries.append((-1, "", f))
             for d in class_dirs:
                 for f in files_under(d):
                     entries.append((index_of(index, d.name, d), d.name, f))

@@ -219,6 +219,16 @@ def test_val_class_missing_from_train_is_an_error(tmp_path):
         layouts.detect(tmp_path)
 
 
+def test_flat_val_folder_is_an_error_not_a_silent_skip(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "train/a").mkdir(parents=True)
+    (tmp_path / "train/a/x.jpg").write_bytes(jpeg_bytes(rng))
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val/ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(rng))
+    with pytest.raises(UsageError, match="no class folders"):
+        layouts.detect(tmp_path)
+
+
 def test_archives_without_devkit_are_named(tmp_path):
     (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes([]))
     with pytest.raises(UsageError, match="devkit"):

@@ -55,6 +55,7 @@ def bad_build(tmp_path_factory):
         "train/a/deep.png": png16(),
         "train/a/palette.gif": jpeg_bytes(rng, mode="P", fmt="GIF"),
         "val/a/val_empty.JPEG": b"",
+        "train/loose.JPEG": good,
     }
     for name, data in odd.items():
         (raw / name).write_bytes(data)
@@ -67,13 +68,14 @@ def test_bad_inputs_are_rejected_with_reasons_and_counted(bad_build):
     data, proc, manifest = bad_build
     reasons = {Path(r["source"]).name: r["reason"] for r in manifest["rejected"]}
     assert set(reasons) == {"empty.JPEG", "truncated.JPEG", "header_only.JPEG", "notes.JPEG", "README.txt",
-                            "val_empty.JPEG"}
+                            "val_empty.JPEG", "loose.JPEG"}
+    assert reasons["loose.JPEG"] == "not inside a class folder"
     assert "empty" in reasons["empty.JPEG"] and "not an image" in reasons["notes.JPEG"]
     assert "truncated" in reasons["truncated.JPEG"]
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    assert (train["num_inputs"], train["num_samples"], train["num_rejected"]) == (6 + 12, 6 + 12 - 5, 5)
+    assert (train["num_inputs"], train["num_samples"], train["num_rejected"]) == (6 + 13, 6 + 13 - 6, 6)
     assert (val["num_inputs"], val["num_samples"], val["num_rejected"]) == (3, 2, 1)
-    assert "train: 18 inputs = 13 written + 5 rejected" in proc.stderr
+    assert "train: 19 inputs = 13 written + 6 rejected" in proc.stderr
     assert "val: 3 inputs = 2 written + 1 rejected" in proc.stderr
     for split, entry in manifest["splits"].items():
         assert len(all_samples(data, split)) == entry["num_samples"] == sum(s["num_samples"] for s in entry["shards"])
@@ -230,6 +232,7 @@ def test_verify_names_missing_truncated_and_altered_shards(reference, tmp_path):
 
 # --- speed script and resampling quality ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_speed_script_reports_rates_ratio_and_quality(imagenet_sample_dir, tmp_path):
     from shards import speed
 
