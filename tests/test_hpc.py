@@ -289,7 +289,7 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, outpu
 
 
 @pytest.mark.slow
-def test_usr1_checkpoints_and_requeues(built, tmp_path):
+def test_usr1_checkpoints_and_requeues_then_eval(built, tmp_path):
     run = tmp_path / "run"
     torchrun = f'#!/bin/bash\nexec "{sys.executable}" -m torch.distributed.run "$@"\n'
     env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(run), SLURM_JOB_ID="4242",
@@ -315,6 +315,10 @@ def test_usr1_checkpoints_and_requeues(built, tmp_path):
     assert "preempted:" in output, output
     assert (run / "checkpoint.pt").is_file()
     assert [c["args"] for c in calls(tmp_path, "scontrol")] == [["requeue", "4242"]], output
+
+    # The evaluation job takes that checkpoint as it is.
+    result = run_script("eval.sbatch", {**env, "SLURM_JOB_ID": "4243", "EVAL_ARGS": "--num_threads=1"})
+    assert "eval.py" in result.stderr and (run / "eval-val.json").is_file()
 
 
 # --- offline install -----------------------------------------------------------------------------------------------
