@@ -1,11 +1,12 @@
 """Train AlexNet on ImageNet shards with the recipe of Krizhevsky, Sutskever & Hinton (2012).
 
-    python train.py --data=data/imagenet --run=runs/alexnet                  # one GPU (or the CPU)
-    python train.py --data=data/imagenet --run=runs/alexnet --compile        # faster on a GPU
-    torchrun --nproc_per_node=8 train.py --data=data/imagenet --run=runs/a8  # DDP: 8 GPUs, 16 images each
-    python train.py --data=data/sample --run=runs/demo --preset=demo         # `make demo`: 2 CPU cores
-    python train.py --help                                                   # every option
+    python train.py --data=data/imagenet --run=runs/alexnet                     # one GPU (or the CPU)
+    python train.py --data=data/imagenet --run=runs/alexnet --compile           # faster on a GPU
+    torchrun --nproc_per_node=8 train.py -- --data=data/imagenet --run=runs/a8  # DDP: 8 GPUs, 16 images each
+    python train.py --data=data/sample --run=runs/demo --preset=demo            # `make demo`: 2 CPU cores
+    python train.py --help                                                      # every option
 
+torchrun needs the `--`: otherwise its own parser takes `--run=...` for an abbreviation of its `--run-path`.
 Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end; --resume=false starts over).
 
 Batch size and learning rate with several GPUs: `batch_size` is global. With N ranks each rank takes
@@ -158,12 +159,19 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     os.replace(path.with_name("curves.tmp.png"), path)
 
 
-def main(argv: list[str]) -> None:
-    # ---- config: defaults < preset < explicit --key=value
+def resolve_config(argv: list[str]) -> Config:
+    """Defaults, then the preset, then the explicit --key=value options."""
+    argv = [a for a in argv if a != "--"]  # what separates our options from torchrun's, if it passes it on
     cfg = parse_config(Config, argv, description=__doc__)
     if cfg.preset == "demo":
         explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
         cfg = replace(cfg, **{k: v for k, v in DEMO.items() if k not in explicit})
+    return cfg
+
+
+def main(argv: list[str]) -> None:
+    # ---- config
+    cfg = resolve_config(argv)
     try:
         num_classes = len(read_manifest(cfg.data)["classes"])
     except (OSError, ValueError) as e:

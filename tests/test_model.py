@@ -1,0 +1,124 @@
+"""The network of the paper: shapes, parameter count, LRN, initialisation, dropout, learning."""
+import pytest
+import torch
+from torch import nn
+
+from model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, AlexNet
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    """Mean-subtracted pixels on the 0-255 scale, as the pipelines deliver them."""
+    return 60.0 * torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def test_parameter_count_and_output_shape():
+    net = AlexNet(num_classes=1000)
+    assert sum(p.numel() for p in net.parameters()) == 60_965_224
+    sizes = {}
+    for name, layer in net.features.named_children():
+        layer.register_forward_hook(lambda m, i, o, name=name: sizes.__setitem__(name, tuple(o.shape[1:])))
+    with torch.no_grad():
+        assert net.eval()(images(2)).shape == (2, 1000)
+    assert sizes["conv1"] == (96, 55, 55) and sizes["pool1"] == (96, 27, 27)
+    assert sizes["conv2"] == (256, 27, 27) and sizes["pool2"] == (256, 13, 13)
+    assert sizes["conv3"] == (384, 13, 13) and sizes["conv4"] == (384, 13, 13)
+    assert sizes["conv5"] == (256, 13, 13) and sizes["pool5"] == (256, 6, 6)
+    assert AlexNet(num_classes=10).eval()(images(1)).shape == (1, 10)
+
+
+def test_two_gpu_connectivity():
+    f = AlexNet().features
+    assert [f.conv1.groups, f.conv2.groups, f.conv3.groups, f.conv4.groups, f.conv5.groups] == [1, 2, 1, 2, 2]
+
+
+def paper_lrn(a: torch.Tensor, alpha: float, k=2.0, n=5, beta=0.75) -> torch.Tensor:
+    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    channels = a.shape[1]
+    b = torch.empty_like(a)
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        b[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(1)) ** beta
+    return b
+
+
+def test_lrn_matches_the_papers_formula():
+    assert (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K) == (5, 1e-4, 0.75, 2.0)
+    net = AlexNet()
+    # Large activations, so that the normaliser is far from k^beta and a wrong alpha would show.
+    a = torch.relu(200.0 * torch.randn(2, 96, 7, 7, dtype=torch.float64))
+    for norm in (net.features.norm1, net.features.norm2):
+        got = norm(a)
+        # The documented choice: alpha divided by n (cuda-convnet's and PyTorch's convention).
+        torch.testing.assert_close(got, paper_lrn(a, alpha=LRN_ALPHA / LRN_SIZE), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(got, paper_lrn(a, alpha=LRN_ALPHA), rtol=1e-3)
+    names = list(dict(net.features.named_children()))
+    assert names.index("norm1") == names.index("relu1") + 1 and names.index("pool1") == names.index("norm1") + 1
+    assert names.index("norm2") == names.index("relu2") + 1 and names.index("pool2") == names.index("norm2") + 1
+
+
+def test_initial_weight_statistics():
+    torch.manual_seed(0)
+    net = AlexNet()
+    layers = {**dict(net.features.named_children()), **dict(net.classifier.named_children())}
+    for name in ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]:
+        w, b = layers[name].weight, layers[name].bias
+        tolerance = 4 / w.numel() ** 0.5  # four standard errors of the estimates
+        assert abs(w.mean().item()) < 0.01 * tolerance, name
+        assert abs(w.std().item() / 0.01 - 1) < tolerance, name
+        expected_bias = 1.0 if name in {"conv2", "conv4", "conv5", "fc6", "fc7"} else 0.0
+        assert torch.all(b == expected_bias), name
+
+
+def test_dropout_on_the_outputs_of_fc6_and_fc7_only():
+    net = AlexNet(num_classes=10)
+    assert not any(isinstance(m, nn.Dropout) for m in net.features.modules())
+    kinds = [type(m).__name__ for m in net.classifier.children()]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    seen = {}
+    c = net.classifier
+    c.fc6.register_forward_hook(lambda m, i, o: seen.__setitem__("fc6_in", i[0].clone()))
+    c.relu6.register_forward_hook(lambda m, i, o: seen.__setitem__("relu6_out", o.clone()))
+    c.fc7.register_forward_hook(lambda m, i, o: seen.__setitem__("fc7_in", i[0].clone()))
+    c.relu7.register_forward_hook(lambda m, i, o: seen.__setitem__("relu7_out", o.clone()))
+    c.fc8.register_forward_hook(lambda m, i, o: seen.__setitem__("fc8_in", i[0].clone()))
+    x = images(2)
+    with torch.no_grad():
+        pool5 = torch.flatten(net.features(x), 1)
+        net.train()(x)
+        assert torch.equal(seen["fc6_in"], pool5)  # no dropout before fc6
+        for out, nxt in (("relu6_out", "fc7_in"), ("relu7_out", "fc8_in")):
+            positive, kept = seen[out] > 0, seen[nxt] != 0
+            assert positive.sum() > 1000 and not kept[~positive].any()
+            assert 0.45 < kept[positive].float().mean() < 0.55  # p = 0.5
+            torch.testing.assert_close(seen[nxt][kept], 2 * seen[out][kept])  # survivors scaled by 1/(1-p)
+        net.eval()(x)
+        assert torch.equal(seen["fc7_in"], seen["relu6_out"]) and torch.equal(seen["fc8_in"], seen["relu7_out"])
+
+
+@pytest.mark.slow
+def test_a_few_sgd_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    net = AlexNet(num_classes=4)
+    x, y = images(8, seed=1), torch.arange(8) % 4
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def eval_loss():
+        with torch.no_grad():
+            return nn.functional.cross_entropy(net.eval()(x), y).item()
+
+    before = eval_loss()
+    for _ in range(8):
+        loss = nn.functional.cross_entropy(net.train()(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert after < 0.7 * before, (before, after)
+
+
+def test_state_dict_round_trip():
+    """What eval.py does with a checkpoint: plain keys, strict load."""
+    a, b = AlexNet(num_classes=7), AlexNet(num_classes=7)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert "features.conv1.weight" in a.state_dict() and "classifier.fc8.bias" in a.state_dict()

@@ -1,0 +1,185 @@
+"""train.py from the outside: files written, exact resume, preemption, divergence, DDP data split."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from config import UsageError
+from model import AlexNet
+from tests.conftest import REPO
+from tests.shardkit import write_data
+
+# Tiny steps: full AlexNet at 224x224 costs about a second per 4 images on two cores.
+QUICK = ["--batch_size=4", "--epochs=2", "--max_steps_per_epoch=3", "--log_interval=1", "--num_threads=1",
+         "--device=cpu"]
+
+
+def smooth_images(count: int, num_classes: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [(np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((256, 256),
+                                                                                                  Image.BILINEAR)),
+             i % num_classes) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    return write_data(root / "data", {"train": smooth_images(16, 4), "val": smooth_images(6, 4, seed=1)}, shard_size=5)
+
+
+def run_train(*args, timeout=600):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def call_main(*args) -> int:
+    """train.main in this process; returns its exit status."""
+    try:
+        train.main(list(args))
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def weights(run) -> dict:
+    return torch.load(run / "checkpoint.pt", map_location="cpu")["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def metrics(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Two epochs without a break."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = run_train(f"--data={data}", f"--run={run}", *QUICK)
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_writes_config_metrics_curves_and_a_checkpoint_eval_can_load(reference):
+    config = json.loads((reference / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["momentum"] == 0.9 and config["batch_size"] == 4
+    rows = metrics(reference)
+    steps, epochs = [r for r in rows if "epoch" not in r], [r for r in rows if "epoch" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "images_per_s"} <= r.keys() for r in steps)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for r in epochs:
+        assert {"train_loss", "train_top1_err", "val_top1_err", "val_top5_err", "epoch_time_s"} <= r.keys()
+        assert r["val_samples"] == 6 and 0 <= r["val_top1_err"] <= 1
+    assert (reference / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    ckpt = torch.load(reference / "checkpoint.pt", map_location="cpu")
+    assert ckpt["epoch"] == 2 and ckpt["batches_done"] == 0 and ckpt["config"]["epochs"] == 2
+    assert {"optimizer", "scheduler", "rng"} <= ckpt.keys()
+    AlexNet(num_classes=ckpt["num_classes"]).load_state_dict(ckpt["model"])  # what eval.py does
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+@pytest.mark.slow
+def test_one_epoch_then_resume_equals_two_epochs(data, reference, tmp_path):
+    run = tmp_path / "run"
+    assert call_main(f"--data={data}", f"--run={run}", *QUICK, "--epochs=1") == 0
+    assert torch.load(run / "checkpoint.pt")["epoch"] == 1
+    assert call_main(f"--data={data}", f"--run={run}", *QUICK) == 0  # same RUN, more epochs: continues
+    assert_same_weights(weights(run), weights(reference))
+    assert [r["step"] for r in metrics(run)] == [r["step"] for r in metrics(reference)]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_cleanly_and_the_rerun_continues_exactly(data, reference, tmp_path):
+    run = tmp_path / "run"
+    args = [f"--data={data}", f"--run={run}", *QUICK]
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert any(line.startswith("preempted:") for line in out.splitlines()), out
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu")
+    assert (ckpt["epoch"], ckpt["batches_done"]) < (2, 0)  # stopped before the end
+    AlexNet(num_classes=ckpt["num_classes"]).load_state_dict(ckpt["model"])
+    result = run_train(*args)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    assert_same_weights(weights(run), weights(reference))
+
+
+def test_a_nan_loss_stops_the_run_with_a_message(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = call_main(f"--data={data}", f"--run={run}", *QUICK, "--lr=1e30", "--epochs=1")
+    assert code == 1
+    assert "diverged" in capsys.readouterr().err
+    assert not (run / "checkpoint.pt").exists()
+    assert not all(math.isfinite(r["loss"]) for r in metrics(run))
+
+
+def test_lr_divided_by_ten_when_val_error_stops_improving_at_most_three_times():
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    schedule = train.DropOnPlateau(sgd, patience=2, max_drops=3)
+    lrs = []
+    for error in [0.9, 0.8, 0.8, 0.85, 0.7, 0.7, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]:
+        schedule.step(error)
+        lrs.append(sgd.param_groups[0]["lr"])
+    assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(1e-3)  # two epochs without a new best
+    assert lrs[6] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-5) and lrs[-1] == lrs[9]
+    restored = train.DropOnPlateau(sgd, patience=2, max_drops=3)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == schedule.state_dict() == {"best": 0.6, "bad_epochs": 4, "drops": 3}
+
+
+def test_defaults_are_the_papers_recipe_and_the_demo_preset_yields_to_explicit_options():
+    cfg = train.resolve_config([])
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.max_lr_drops,
+            cfg.dropout) == (128, 0.01, 0.9, 5e-4, 90, 3, 0.5)
+    demo = train.resolve_config(["--preset=demo"])
+    assert all(getattr(demo, k) == v for k, v in train.DEMO.items())
+    assert train.resolve_config(["--preset=demo", "--epochs=3"]).epochs == 3
+    with pytest.raises(UsageError):
+        train.main(["--data=/nonexistent/shards"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
+    # One training image per class: the labels a rank trained on name the samples it read.
+    data = write_data(tmp_path / "data", {"train": smooth_images(8, 8), "val": smooth_images(5, 8, seed=1)},
+                      shard_size=3)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
+         f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--log_labels", "--num_threads=1",
+         "--device=cpu", "--log_interval=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("labels rank"):
+            head, _, labels = line.partition(": ")
+            seen[int(head.split()[2])] = json.loads(labels)
+    assert sorted(seen) == [0, 1]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(8))
+    epoch = [r for r in metrics(run) if "epoch" in r]
+    assert epoch[0]["val_samples"] == 5  # 3 + 2 over the ranks, none twice, none padded
+    assert [r["step"] for r in metrics(run) if "epoch" not in r] == [1, 2]  # 2 steps of 2 images per rank
+    assert torch.load(run / "checkpoint.pt")["world_size"] == 2
