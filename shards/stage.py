@@ -10,6 +10,7 @@ the same node stages in the time it takes to read the local copies once.
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -71,7 +72,7 @@ def shard_bytes(entry: dict, data: Path) -> int:
 def copy_atomically(src: Path, dst: Path) -> None:
     """Copy to a temporary name and rename, so that an interrupted copy never looks like a finished one."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
+    tmp = dst.with_name(f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}")
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
@@ -132,12 +133,15 @@ def stage_main(argv: list[str]) -> None:
     start = time.perf_counter()
     total = sum(shard_bytes(e, data) for e in entries)
     copied_files = copied_bytes = 0
-    with ThreadPoolExecutor(cfg.workers) as pool, \
-            tqdm(total=total, unit="B", unit_scale=True, desc=f"stage {to}", file=sys.stderr) as bar:
-        for size, copied in pool.map(lambda e: stage_shard(e, data, to), entries):
-            copied_files += copied
-            copied_bytes += size if copied else 0
-            bar.update(size)
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"stage {to}", file=sys.stderr) as bar:
+            for size, copied in pool.map(lambda e: stage_shard(e, data, to), entries):
+                copied_files += copied
+                copied_bytes += size if copied else 0
+                bar.update(size)
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error, report it now rather than after copying the rest
     if not same_bytes(data / STATS, to / STATS):
         copy_atomically(data / STATS, to / STATS)
     copy_atomically(data / MANIFEST, to / MANIFEST)
