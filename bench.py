@@ -69,8 +69,8 @@ class BenchConfig:
     num_threads: int = 0  # DALI threads = decode processes = DataLoader workers; 0: every core this process may use
     raw: str = str(REAL_IMAGES)  # folder of full-size JPEGs for `preprocess` (skipped with a note when absent)
     out: str = ""  # JSON results; empty: bench-results/bench-<host>-<device>.json
-    make_data: str = ""  # instead of benchmarking: build realistic shards here from `raw`, then exit
-    repeat: int = 20  # with make_data: copies of the training and validation shards (1000 images each)
+    make_data: str = ""  # instead of benchmarking: shards here from the JPEGs in `raw` (or the shard dir `raw`)
+    repeat: int = 20  # with make_data: copies of the training and validation shards
 
 
 # ---------------------------------------------------------------------------------------------------- machine
@@ -319,8 +319,11 @@ def data_notes(manifest: dict) -> list[str]:
 
 
 def make_data(cfg: BenchConfig) -> None:
-    """Shards from the real JPEGs in `raw` (train and val: the same images), each split copied `repeat` times."""
-    from shards.build import BuildConfig, atomic_write, build
+    """Shards from the real JPEGs in `raw` (train and val: the same images), each split copied `repeat` times.
+
+    When `raw` is itself a shard directory (unreplicated), its shards are copied instead of built.
+    """
+    from shards.build import BuildConfig, build
     raw, out = Path(cfg.raw), Path(cfg.make_data)
     if not raw.is_dir():
         raise UsageError(f"--raw={raw}: no such folder (the real ImageNet JPEGs, named <wnid>_<anything>.JPEG)")
@@ -328,6 +331,16 @@ def make_data(cfg: BenchConfig) -> None:
         raise UsageError(f"--repeat={cfg.repeat}: must be at least 1")
     if (out / "manifest.json").exists():
         raise UsageError(f"{out} already holds shards; choose an empty --make_data folder")
+    if (raw / "manifest.json").exists():
+        manifest = read_manifest(raw)
+        if manifest.get("params", {}).get("replicated", 1) != 1:
+            raise UsageError(f"--raw={raw}: already replicated; copy from the unreplicated shards")
+        for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
+            for suffix in (".tar", ".idx"):
+                (out / shard["file"]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(raw / Path(shard["file"]).with_suffix(suffix), out / Path(shard["file"]).with_suffix(suffix))
+        shutil.copyfile(raw / "stats.npz", out / "stats.npz")
+        return replicate(out, manifest, cfg.repeat, f"the shards of {raw}")
     folders = out / ".raw"
     count = 0
     for p in sorted(raw.iterdir()):
@@ -342,22 +355,29 @@ def make_data(cfg: BenchConfig) -> None:
     if not count:
         raise UsageError(f"{raw}: no files named <wnid>_*.JPEG")
     manifest = build(BuildConfig(raw=str(folders), out=str(out)))
+    replicate(out, manifest, cfg.repeat, f"{count} real images")
+
+
+def replicate(out: Path, manifest: dict, repeat: int, source: str) -> None:
+    """Copy every shard of `out` repeat-1 times and list the copies in its manifest (statistics unchanged)."""
+    from shards.build import atomic_write
     for name, split in manifest["splits"].items():
         shards = list(split["shards"])
-        for copy in range(1, cfg.repeat):
+        for copy in range(1, repeat):
             for n, shard in enumerate(shards):
                 number = copy * len(shards) + n
                 file = f"{name}/{name}-{number:06d}.tar"
                 for suffix in (".tar", ".idx"):
                     shutil.copyfile(out / Path(shard["file"]).with_suffix(suffix), out / Path(file).with_suffix(suffix))
                 split["shards"].append({**shard, "file": file})
-        split["num_samples"] *= cfg.repeat
-        split["num_inputs"] *= cfg.repeat
-    manifest["params"]["replicated"] = cfg.repeat
+        split["num_samples"] *= repeat
+        if "num_inputs" in split:
+            split["num_inputs"] *= repeat
+    manifest["params"]["replicated"] = repeat
     manifest["params"]["note"] = "benchmark data: the same images copied; never train on it"
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     sizes = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
-    print(f"{out}: {count} real images, {cfg.repeat} copies per split: {sizes} samples (benchmarking only)")
+    print(f"{out}: {source}, {repeat} copies per split: {sizes} samples (benchmarking only)")
 
 
 # ---------------------------------------------------------------------------------------------------- report
