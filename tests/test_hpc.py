@@ -307,9 +307,13 @@ def test_usr1_checkpoints_and_requeues_then_eval(built, tmp_path):
         job.send_signal(signal.SIGUSR1)
         job.wait(timeout=240)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
+        if job.poll() is None:  # SIGTERM first: torchrun's workers run in sessions of their own, out of killpg's reach
+            job.terminate()
+            try:
+                job.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
     output = (tmp_path / "job.out").read_text()
     assert job.returncode == 0, output
     assert "preempted:" in output, output
