@@ -31,7 +31,9 @@ help:
 	@echo "make train  DATA=<shard dir> RUN=<run dir> [ARGS='--key=value ...']"
 	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
 	@echo "make bench  DATA=<shard dir>"
+	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
+	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
 
 setup: $(STAMP)
 
