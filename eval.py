@@ -40,6 +40,7 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on a GPU (the CPU uses float32)
     num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
+    storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
     save_predictions: bool = False  # also write per-image top-5 predictions and per-class accuracy
 
 
@@ -174,7 +175,8 @@ def main(argv):
 
     def run_pass(crops: str, keep_predictions: bool):
         loader = eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                             world_size=world_size, num_threads=cfg.num_threads or None, with_index=True)
+                             world_size=world_size, num_threads=cfg.num_threads or None, with_index=True,
+                             dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
         return reduce_results(correct, count, predictions, world_size)
 
