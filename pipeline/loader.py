@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import torch
-from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from pipeline import pipelines
 from pipeline.data import CROP, find_bad_sample, read_manifest, read_split, read_stats, rank_range
@@ -95,23 +94,20 @@ class Loader:
             raise RuntimeError(f"reading split {self.split.name!r}: {where}: {e}") from e
 
     def _batch(self, images, labels, index, keep):
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        index = torch.from_numpy(np.array(index.as_tensor())).to(torch.int64)[:keep]
+        index = torch.from_dlpack(index.as_tensor()).to(torch.int64)[:keep]
         if not bool(((index >= self.begin) & (index < self.begin + self.num_samples)).all()):
             raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside this rank's "
                                f"{self.begin}..{self.begin + self.num_samples - 1}: index files do not match the manifest")
-        x = images.as_tensor()
-        out = torch.empty(x.shape(), dtype=torch.float16 if self.dtype == "float16" else torch.float32,
-                          device=self.device)
-        feed_ndarray(x, out, cuda_stream=stream)
-        y = torch.empty(labels.as_tensor().shape(), dtype=torch.int64, device=self.device)
-        feed_ndarray(labels.as_tensor(), y, cuda_stream=stream)
-        out, y = out[:keep], y[:keep]
+        # Zero-copy: with DALI's dynamic executor each output batch is a buffer of its own that lives as long as
+        # the torch tensor viewing it (DLPack), so no copy is needed to hand it over safely. On a GPU, DLPack
+        # makes torch's current stream wait for DALI's.
+        with torch.device(self.device):
+            images, labels = torch.from_dlpack(images.as_tensor())[:keep], torch.from_dlpack(labels.as_tensor())[:keep]
         if self.dtype == "bfloat16":
-            out = out.to(torch.bfloat16)
+            images = images.to(torch.bfloat16)
         if self.channels_last:  # DALI wrote HWC: the NCHW view of it is channels-last in memory
-            out = out.movedim(-1, -3)
-        return (out, y, index) if self.with_index else (out, y)
+            images = images.movedim(-1, -3)
+        return (images, labels, index) if self.with_index else (images, labels)
 
 
 def _device(device) -> torch.device:
@@ -162,7 +158,8 @@ def _make(kind, data, split, batch_size, *, device, rank, world_size, seed, dtyp
                 rgb_mean=stats.rgb_mean, mean=mean, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, gpu=gpu,
                 dtype="float16" if dtype == "float16" else "float32", channels_last=channels_last, **extra,
                 **options, batch_size=batch_size, num_threads=num_threads or available_cpus(),
-                device_id=device.index if gpu else None, seed=pipe_seed, prefetch_queue_depth=prefetch)
+                device_id=device.index if gpu else None, seed=pipe_seed, prefetch_queue_depth=prefetch,
+                exec_dynamic=True)
     return Loader(pipe, split=shards, num_samples=end - begin, begin=begin, batch_size=batch_size,
                   num_classes=len(manifest["classes"]), device=device, dtype=dtype, channels_last=channels_last,
                   with_index=with_index)

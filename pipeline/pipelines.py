@@ -98,6 +98,24 @@ def output_labels(labels, gpu):
     return labels.gpu() if gpu else labels
 
 
+def patch(jpegs, gpu, x, y, *, mirror=0, shift=None, mean, mean_image, rgb_mean, dtype, channels_last):
+    """The 224x224 window at normalised (x, y), reflected if `mirror`, minus the mean, plus `shift`: the output.
+
+    Per-pixel mean: the whole image is decoded and the mean image subtracted before the crop, so the mean is
+    cropped and reflected together with the image by construction. On the CPU this is cheaper than decoding only
+    the window and cropping the mean to it (a full float32 copy per image, see pipeline/README.md).
+    Per-channel mean: only the window is decoded, and the one crop_mirror_normalize pass subtracts the mean.
+    """
+    if mean == "pixel":
+        image = decode(jpegs, gpu) - constant_image(mean_image, gpu)
+        offset = 0.0 if shift is None else -shift
+        return to_output(image, mirror=mirror, offset=offset, crop=True, x=x, y=y, dtype=dtype,
+                         channels_last=channels_last)
+    image = decode_crop(jpegs, gpu, x, y)
+    offset = rgb_mean.tolist() if shift is None else types.Constant(rgb_mean.astype(np.float32)) - shift
+    return to_output(image, mirror=mirror, offset=offset, dtype=dtype, channels_last=channels_last)
+
+
 @pipeline_def
 def train(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, eigval, eigvec, lighting=0.1,
           mean="pixel", shuffle_buffer=4096, reader_seed=0, dont_use_mmap=False, read_ahead=False,
@@ -107,15 +125,9 @@ def train(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, eigval, 
                                 shuffle_buffer=shuffle_buffer, seed=reader_seed, dont_use_mmap=dont_use_mmap,
                                 read_ahead=read_ahead)
     x, y = random_crop_position()
-    mirror = random_mirror()
-    image = decode_crop(jpegs, gpu, x, y)
     shift = lighting_shift(lighting, eigval, eigvec) if lighting > 0 else None
-    if mean == "pixel":
-        image = image - crop_of(mean_image, gpu, x, y)
-        offset = -shift if shift is not None else 0.0
-    else:
-        offset = types.Constant(rgb_mean.astype(np.float32)) - shift if shift is not None else rgb_mean.tolist()
-    images = to_output(image, mirror=mirror, offset=offset, dtype=dtype, channels_last=channels_last)
+    images = patch(jpegs, gpu, x, y, mirror=random_mirror(), shift=shift, mean=mean, mean_image=mean_image,
+                   rgb_mean=rgb_mean, dtype=dtype, channels_last=channels_last)
     return images, output_labels(labels, gpu), index
 
 
@@ -125,12 +137,8 @@ def center(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="p
     """The central 224x224 patch, mean subtracted, no augmentation."""
     jpegs, labels, index = read(tars, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=False,
                                 shuffle_buffer=1, seed=0, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
-    image = decode_crop(jpegs, gpu, 0.5, 0.5)
-    if mean == "pixel":
-        image, offset = image - crop_of(mean_image, gpu, 0.5, 0.5), 0.0
-    else:
-        offset = rgb_mean.tolist()
-    images = to_output(image, offset=offset, dtype=dtype, channels_last=channels_last)
+    images = patch(jpegs, gpu, 0.5, 0.5, mean=mean, mean_image=mean_image, rgb_mean=rgb_mean, dtype=dtype,
+                   channels_last=channels_last)
     return images, output_labels(labels, gpu), index
 
 
@@ -154,8 +162,3 @@ def constant_image(mean_image, gpu):
     """The 256x256 per-pixel mean as a constant HWC float tensor, on the pipeline's device."""
     return types.Constant(np.ascontiguousarray(mean_image, dtype=np.float32), layout="HWC",
                           device="gpu" if gpu else "cpu")
-
-
-def crop_of(mean_image, gpu, x, y):
-    """The 224x224 window of the per-pixel mean at normalised (x, y): the same window as the image's crop."""
-    return fn.crop(constant_image(mean_image, gpu), crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y)

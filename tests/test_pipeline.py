@@ -1,6 +1,7 @@
 """The pipelines as a black box: shards made from purpose-built images in, tensors out."""
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -32,21 +33,24 @@ def rng_rotation(seed: int) -> np.ndarray:
     return q
 
 
+def build(tmp, splits, shard_size=8):
+    """Class folders -> `python -m shards build` -> DATA: the writer's output is what the pipelines must read."""
+    return shardkit.build_with_shards(tmp, splits, f"--shard_size={shard_size}", "--workers=1")
+
+
 @pytest.fixture(scope="module")
 def textured_data(tmp_path_factory):
     """21 train and 10 val samples (not multiples of the batch sizes used), 3 classes, shards of 8."""
-    root = tmp_path_factory.mktemp("textured")
     train = [(textured(i), i % 3) for i in range(21)]
     val = [(textured(100 + i), (i * 2) % 3) for i in range(10)]
-    return shardkit.write_data(root, {"train": train, "val": val}, shard_size=8)
+    return build(tmp_path_factory.mktemp("textured"), {"train": train, "val": val})
 
 
 @pytest.fixture(scope="module")
 def gradient_data(tmp_path_factory):
     """40 copies of the gradient image; mean zero and lighting off make outputs equal the decoded pixels."""
-    root = tmp_path_factory.mktemp("gradient")
     items = [(gradient_image(), 0) for _ in range(40)]
-    shardkit.write_data(root, {"train": items, "val": items[:4]}, shard_size=16)
+    root = build(tmp_path_factory.mktemp("gradient"), {"train": items, "val": items[:4]}, shard_size=16)
     shardkit.set_stats(root, mean_image=np.zeros((256, 256, 3)))
     return root
 
@@ -160,11 +164,13 @@ def test_lighting_covariance_on_a_flat_image(tmp_path):
     eigval = np.array([0.2, 0.05, 0.01])
     eigvec = rng_rotation(3)
     flat = np.zeros((256, 256, 3), np.uint8) + np.array([120, 130, 140], np.uint8)
-    shardkit.write_data(tmp_path, {"train": [(flat, 0)] * 50}, shard_size=25)
-    shardkit.set_stats(tmp_path, mean_image=np.zeros((256, 256, 3)), eigval=eigval, eigvec=eigvec)
-    colour = shardkit.decode(shardkit.jpeg_bytes(flat))[0, 0].astype(np.float64)
+    data = build(tmp_path, {"train": [(flat, 0)] * 50}, shard_size=25)
+    shardkit.set_stats(data, mean_image=np.zeros((256, 256, 3)), eigval=eigval, eigvec=eigvec)
+    decoded = shardkit.read_samples(data, "train")[0][0].astype(np.float64)
+    assert np.ptp(decoded, axis=(0, 1)).max() == 0, "a flat colour survives JPEG exactly"
+    colour = decoded[0, 0]
     sigma = 0.1
-    loader = train_loader(tmp_path, 50, lighting=sigma, num_threads=2)
+    loader = train_loader(data, 50, lighting=sigma, num_threads=2)
     shifts = []
     for _ in range(40):  # 2000 draws
         for x, _ in loader:
@@ -192,10 +198,9 @@ def test_lighting_zero_is_off(gradient_data):
 def test_mean_subtraction_is_exact_and_follows_crop_and_flip(tmp_path):
     """Two datasets differing only in mean_image: outputs differ by exactly the same crop/flip of the mean."""
     items = [(textured(i), 0) for i in range(12)]
-    a = shardkit.write_data(tmp_path / "a", {"train": items, "val": items})
+    a = build(tmp_path / "a", {"train": items, "val": items})
     shardkit.set_stats(a, mean_image=np.zeros((256, 256, 3)))
-    b = tmp_path / "b"
-    shardkit.write_data(b, {"train": items, "val": items})
+    b = shutil.copytree(a, tmp_path / "b")
     ramp = gradient_image().astype(np.float64) * 0.5 + 0.25  # non-integer, position-revealing
     shardkit.set_stats(b, mean_image=ramp)
     xa, _ = next(iter(train_loader(a, 12, lighting=0, seed=5, num_threads=2)))
@@ -253,27 +258,46 @@ def test_same_seed_same_augmentation(textured_data):
 
 
 def test_truncated_shard_is_named_quickly(tmp_path):
-    shardkit.write_data(tmp_path, {"train": [(textured(i), 0) for i in range(12)]}, shard_size=4)
-    bad = tmp_path / "train" / "train-000001.tar"
+    data = build(tmp_path, {"train": [(textured(i), 0) for i in range(12)]}, shard_size=4)
+    bad = data / "train" / "train-000001.tar"
     os.truncate(bad, bad.stat().st_size // 2)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=str(bad)):
-        for _ in train_loader(tmp_path, 4, num_threads=2):
+        for _ in train_loader(data, 4, num_threads=2):
             pass
     assert time.monotonic() - start < 5
 
 
+def test_index_that_disagrees_with_the_manifest_is_named(tmp_path):
+    shardkit.write_data(tmp_path, {"train": [(textured(i), 0) for i in range(8)]}, shard_size=4)
+    idx = tmp_path / "train" / "train-000001.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join([lines[0].replace(" 4", " 3")] + lines[1:-1]) + "\n")
+    with pytest.raises(RuntimeError, match=str(idx.with_suffix(".tar"))):
+        train_loader(tmp_path, 4, num_threads=2)
+
+
 def test_corrupt_jpeg_is_named(tmp_path):
-    shardkit.write_data(tmp_path, {"train": [(textured(i), 0) for i in range(12)]}, shard_size=4)
-    bad = tmp_path / "train" / "train-000002.tar"
+    data = build(tmp_path, {"train": [(textured(i), 0) for i in range(12)]}, shard_size=4)
+    bad = data / "train" / "train-000002.tar"
     fields = bad.with_suffix(".idx").read_text().splitlines()[1].split()
     offset, size = int(fields[1]), int(fields[2])
-    data = bytearray(bad.read_bytes())
-    data[offset + 2:offset + size] = bytes(size - 2)
-    bad.write_bytes(bytes(data))
+    content = bytearray(bad.read_bytes())
+    content[offset + 2:offset + size] = bytes(size - 2)
+    bad.write_bytes(bytes(content))
     with pytest.raises(RuntimeError, match=str(bad)):
-        for _ in train_loader(tmp_path, 4, num_threads=2):
+        for _ in train_loader(data, 4, num_threads=2):
             pass
+
+
+def test_batches_stay_valid_after_later_batches(textured_data):
+    """Batches are handed over without a copy: a kept batch must not be overwritten by the ones after it."""
+    loader = train_loader(textured_data, 4, num_threads=2)
+    kept = [(x, x.clone()) for x, _ in loader]
+    for _ in range(2):
+        for _ in loader:
+            pass
+    assert all(torch.equal(x, copy) for x, copy in kept)
 
 
 def test_read_manifest_and_argument_errors(textured_data, tmp_path):
