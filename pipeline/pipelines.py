@@ -56,13 +56,18 @@ def random_mirror():
     return fn.random.coin_flip(probability=0.5, dtype=types.INT32)
 
 
-# nvJPEG settings for the GPU path:
-# - hw_decoder_load: share of images sent to the A100/H100 hardware JPEG engine; the rest is decoded by CUDA
-#   kernels fed by CPU Huffman threads. 256-px images are small, so the engine is fast per image but not free;
-#   0.75 keeps both busy with the few CPU threads a GPU rank gets.
-# - memory padding / preallocation: all images are 256x256, so the decoder's buffers are sized once up front and
-#   never reallocated mid-epoch (reallocation synchronises the device).
-GPU_DECODER = dict(hw_decoder_load=0.75, device_memory_padding=64 << 20, host_memory_padding=32 << 20,
+# nvJPEG settings for the GPU path, chosen for 256x256 JPEGs:
+# - hw_decoder_load: the share of each batch sent to the hardware JPEG engines (A100, H100, H200); the rest is
+#   decoded by CUDA kernels after Huffman decoding on the CPU threads. Small images keep the engines' per-image
+#   overhead high, and a GPU rank has only a few CPU threads, so both paths are kept busy: 0.75 is the starting
+#   point, `python -m pipeline.speed --device=cuda` sweeps it on the machine at hand.
+# - device/host_memory_padding: nvJPEG grows its per-thread buffers to the largest image seen, and growing means a
+#   synchronous cudaMalloc / pinned allocation mid-epoch. Every image here is the same size (192 KiB decoded, a
+#   few hundred KiB of coefficients), so 8 MiB device and 4 MiB pinned host per thread is generous and allocated
+#   once, without pinning the ~140 MB per thread DALI's full-size ImageNet example reserves.
+# - preallocate_*_hint: sizes the hardware decoder's buffers for 256x256 up front, for the same reason.
+# - jpeg_fancy_upsampling: the chroma upsampling libjpeg-turbo (the CPU path) uses, so both paths decode the same.
+GPU_DECODER = dict(hw_decoder_load=0.75, device_memory_padding=8 << 20, host_memory_padding=4 << 20,
                    preallocate_width_hint=SIZE, preallocate_height_hint=SIZE, jpeg_fancy_upsampling=True)
 
 

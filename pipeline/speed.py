@@ -1,18 +1,24 @@
 """How fast the train pipeline is, next to its baselines, measured in one run.
 
     python -m pipeline.speed --data=DATA                         # CPU: DALI vs Pillow decode vs DataLoader+webdataset
-    python -m pipeline.speed --data=DATA --device=cuda           # GPU: the pipeline alone (mixed decode, bfloat16)
+    python -m pipeline.speed --data=DATA --device=cuda           # GPU: the pipeline alone, output types, decoder share
     python -m pipeline.speed --data=DATA --device=cuda --train_ips=2900   # ... and its ratio to AlexNet's training rate
+
+(`python bench.py --data=DATA --device=cuda --what=pipeline,model` measures AlexNet's training rate and this
+pipeline in one run, and prints their ratio.)
 
 CPU, all on `cores` cores (default 2) over the same shard JPEGs:
   pillow    libjpeg-turbo (Pillow) decoding the JPEG bytes to RGB, nothing else, in `cores` processes: the ceiling.
-  dali      `train_loader` on the CPU with `cores` threads: decode with crop, per-pixel mean, reflection, PCA
-            lighting, float32 NCHW torch tensors (what a training step receives).
+  dali      `train_loader` on the CPU with `cores` threads: full paper augmentation (random crop, reflection,
+            per-pixel mean, PCA lighting), float32 NCHW torch tensors; again with the per-channel mean.
   torch     a torch DataLoader with `cores` workers reading the shards with the `webdataset` library, decoding with
             Pillow and doing the same crop, reflection and per-pixel mean subtraction (no lighting), float32 NCHW.
 Each is run once to warm up (page cache, thread pools, worker start), then `repeats` times; the median counts.
+Next to images/s, each reports the CPU time per image of all its processes: on a machine shared with other work,
+wall-clock rates depend on how the scheduler splits the cores (one process with several threads against several
+processes), CPU time much less. Both ratios are printed.
 
-The functions are importable (`bench.py` reuses them): each returns images/s.
+The functions are importable (`bench.py` reuses them): each returns a `Rate`, a float of images/s.
 """
 import dataclasses
 import io
@@ -65,15 +71,20 @@ def cpu_seconds(pids) -> float:
     return total / ticks
 
 
-@dataclasses.dataclass
-class Rate:
-    ips: float  # images/s, wall clock: the median of the timed runs
-    cpu_ms: float  # CPU milliseconds per image over all the processes doing the work (median run)
+class Rate(float):
+    """images/s on the wall clock (the median timed run), carrying `cpu_ms`: CPU milliseconds per image over all
+    the processes doing the work in that run. The CPU time is what a shared, loaded machine distorts least."""
+
+    cpu_ms: float
+
+    def __new__(cls, ips: float, cpu_ms: float):
+        rate = super().__new__(cls, ips)
+        rate.cpu_ms = cpu_ms
+        return rate
 
     @property
-    def ips_per_core(self) -> float:
-        """What one otherwise idle core would deliver: unaffected by other load on a shared machine."""
-        return 1000 / self.cpu_ms
+    def ips(self) -> float:
+        return float(self)
 
 
 def median_rate(run, images: int, repeats: int, pids=lambda: [os.getpid()]) -> Rate:
@@ -204,17 +215,26 @@ def measure_cpu(cfg: SpeedConfig) -> dict:
 
 
 def measure_gpu(cfg: SpeedConfig) -> dict:
+    """The train pipeline on the GPU: output types, then the hardware decoder's share (bfloat16, channels-last)."""
     import torch
+
+    from pipeline import pipelines
     threads = len(os.sched_getaffinity(0))
     images = cfg.images or 50 * cfg.batch_size
     results = {"device": torch.cuda.get_device_name(), "images": images, "threads": threads,
-               "batch_size": cfg.batch_size}
+               "batch_size": cfg.batch_size, "hw_decoder_load": pipelines.GPU_DECODER["hw_decoder_load"]}
     for dtype, channels_last in (("bfloat16", True), ("float16", True), ("float32", False)):
-        key = f"dali_train_ips_{dtype}{'_cl' if channels_last else ''}"
+        key = f"dali_train_ips_{dtype}{'_channels_last' if channels_last else ''}"
         results[key] = dali_train(cfg.data, cfg.batch_size, threads, images, cfg.repeats, device="cuda",
                                   dtype=dtype, channels_last=channels_last).ips
+    chosen = pipelines.GPU_DECODER["hw_decoder_load"]
+    for load in (0.0, 0.5, 0.9):
+        pipelines.GPU_DECODER["hw_decoder_load"] = load
+        results[f"dali_train_ips_hw_decoder_load_{load}"] = dali_train(
+            cfg.data, cfg.batch_size, threads, images, cfg.repeats, device="cuda", channels_last=True).ips
+    pipelines.GPU_DECODER["hw_decoder_load"] = chosen
     if cfg.train_ips:
-        results["pipeline_vs_alexnet"] = results["dali_train_ips_bfloat16_cl"] / cfg.train_ips
+        results["pipeline_vs_alexnet"] = results["dali_train_ips_bfloat16_channels_last"] / cfg.train_ips
     return results
 
 
