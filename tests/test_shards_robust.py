@@ -241,10 +241,10 @@ def test_speed_script_reports_rates_ratio_and_quality(imagenet_sample_dir, tmp_p
     for f in picked:  # the largest (2400x1600, DCT-downscaled), a typical one, the smallest (75x56, upscaled)
         (tmp_path / f.name).write_bytes(f.read_bytes())
     result = speed.measure(speed.SpeedConfig(images=str(tmp_path), repeats=1))
-    assert result["images"] == 3 and set(result["rates"]) == {"plain", "build", "decode"}
-    assert result["ratio"] == pytest.approx(result["rates"]["build"] / result["rates"]["plain"])
+    assert result["images"] == 3 and set(result["rates"]) == {"plain", "prepare", "build", "decode"}
+    assert result["ratio"] == pytest.approx(result["rates"]["prepare"] / result["rates"]["plain"])
     text = speed.report(result)
-    assert "images/s per core" in text and "build / plain" in text
+    assert "images/s per core" in text and "prepare / plain" in text
     # Resampling quality: the build's pixels are at least as close to exact float LANCZOS as the plain way's.
     (plain, _, n), (fast, _, _) = result["quality"]["plain"], result["quality"]["build"]
     assert n == 3 and plain > 50 and fast > plain - 0.1
