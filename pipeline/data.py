@@ -19,7 +19,7 @@ def read_manifest(data: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest (is {data} a shard directory written by `shards build`?)") from None
+        raise FileNotFoundError(f"{path}: no manifest (is {data} a directory written by `shards build`?)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable manifest: {e}") from None
 

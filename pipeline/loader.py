@@ -97,7 +97,8 @@ class Loader:
         index = torch.from_dlpack(index.as_tensor()).to(torch.int64)[:keep]
         if not bool(((index >= self.begin) & (index < self.begin + self.num_samples)).all()):
             raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside this rank's "
-                               f"{self.begin}..{self.begin + self.num_samples - 1}: index files do not match the manifest")
+                               f"{self.begin}..{self.begin + self.num_samples - 1}: the shards' .index members "
+                               "do not match the manifest")
         # Zero-copy: with DALI's dynamic executor each output batch is a buffer of its own that lives as long as
         # the torch tensor viewing it (DLPack), so no copy is needed to hand it over safely. On a GPU, DLPack
         # makes torch's current stream wait for DALI's.
@@ -168,7 +169,8 @@ def _make(kind, data, split, batch_size, *, device, rank, world_size, seed, dtyp
 def train_loader(data, batch_size: int, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
                  lighting: float = 0.1, mean: str = "pixel", dtype: str | None = None, channels_last: bool = False,
                  num_threads: int | None = None, shuffle_buffer: int = 4096, prefetch: int = 2,
-                 dont_use_mmap: bool = False, read_ahead: bool = False, split: str = "train") -> Loader:
+                 dont_use_mmap: bool = False, read_ahead: bool = False, split: str = "train",
+                 with_index: bool = False) -> Loader:
     """Augmented training batches of this rank's share of `split`: images [B,3,224,224], labels int64 [B].
 
     data: the DATA directory (docs/FORMAT.md); batch_size: images per step on this rank.
@@ -178,11 +180,14 @@ def train_loader(data, batch_size: int, *, device="cpu", rank: int = 0, world_si
     channels_last: NCHW shape with channels-last memory. num_threads: DALI CPU threads (default: all this
     process may use). shuffle_buffer: samples in the reader's shuffle buffer. prefetch: batches queued ahead.
     dont_use_mmap / read_ahead: DALI reader I/O options for network filesystems (Lustre, GPFS).
+    with_index: also yield each sample's position in the split (int64 [B], on the CPU).
     """
+    if lighting < 0:
+        raise ValueError(f"lighting {lighting}: sigma must be >= 0 (0 turns lighting off)")
     return _make(pipelines.train, data, split, batch_size, device=device, rank=rank, world_size=world_size,
                  seed=seed, dtype=dtype, channels_last=channels_last, num_threads=num_threads, prefetch=prefetch,
-                 mean=mean, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, lighting=float(lighting),
-                 shuffle_buffer=shuffle_buffer)
+                 mean=mean, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, with_index=with_index,
+                 lighting=float(lighting), shuffle_buffer=shuffle_buffer)
 
 
 def eval_loader(data, split: str = "val", crops: str = "center", batch_size: int = 128, *, device="cpu",

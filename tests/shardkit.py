@@ -78,7 +78,8 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
         decoded[split] = [decode(j) for j in jpegs]
         for start in range(0, len(items), shard_size):
             file = f"{split}/{split}-{start // shard_size:06d}.tar"
-            chunk = [(f"{split}_{i:08d}", jpegs[i], items[i][1], i) for i in range(start, min(len(items), start + shard_size))]
+            end = min(len(items), start + shard_size)
+            chunk = [(f"{split}_{i:08d}", jpegs[i], items[i][1], i) for i in range(start, end)]
             write_shard(root / file, chunk)
             digest = hashlib.sha256((root / file).read_bytes()).hexdigest()
             shards.append({"file": file, "num_samples": len(chunk), "sha256": digest})

@@ -72,8 +72,7 @@ def collect(loader, epochs=1):
 
 def test_train_epochs_are_exact_and_labels_match_cls(textured_data):
     truth = shardkit.read_samples(textured_data, "train")
-    loader = train_loader(textured_data, 4, num_threads=2, shuffle_buffer=5)
-    loader.with_index = True
+    loader = train_loader(textured_data, 4, num_threads=2, shuffle_buffer=5, with_index=True)
     assert (len(loader), loader.num_samples, loader.num_classes, loader.batch_size) == (6, 21, 3, 4)
     orders = []
     for _ in range(3):
@@ -86,8 +85,7 @@ def test_train_epochs_are_exact_and_labels_match_cls(textured_data):
 
 
 def test_abandoned_epoch_restarts_at_a_full_epoch(textured_data):
-    loader = train_loader(textured_data, 4, num_threads=2)
-    loader.with_index = True
+    loader = train_loader(textured_data, 4, num_threads=2, with_index=True)
     next(iter(loader))
     _, _, i = collect(loader)
     assert sorted(i.tolist()) == list(range(21))
@@ -115,8 +113,7 @@ def test_eval_ranks_are_disjoint_and_cover_the_split(textured_data, crops, world
 def test_train_ranks_are_disjoint_and_cover_the_split(textured_data, world_size):
     seen = []
     for rank in range(world_size):
-        loader = train_loader(textured_data, 4, rank=rank, world_size=world_size, num_threads=2)
-        loader.with_index = True
+        loader = train_loader(textured_data, 4, rank=rank, world_size=world_size, num_threads=2, with_index=True)
         _, _, i = collect(loader, epochs=2)
         n = loader.num_samples
         assert sorted(i[:n].tolist()) == sorted(i[n:].tolist()), "a rank keeps its samples across epochs"
@@ -136,8 +133,7 @@ def crop_geometry(patch: np.ndarray) -> tuple[int, int, bool]:
 
 @pytest.mark.slow
 def test_crop_offsets_uniform_and_reflection_redrawn(gradient_data):
-    loader = train_loader(gradient_data, 40, lighting=0, num_threads=2, seed=1)
-    loader.with_index = True
+    loader = train_loader(gradient_data, 40, lighting=0, num_threads=2, seed=1, with_index=True)
     xs, ys, flips = [], [], {}
     for _ in range(60):  # 2400 crops
         for x, _, index in loader:
@@ -328,8 +324,8 @@ def test_gpu_matches_cpu(textured_data, crops):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_train_output_types(textured_data, dtype):
-    loader = train_loader(textured_data, 8, device="cuda", dtype=dtype, channels_last=True, num_threads=2)
-    loader.with_index = True
+    loader = train_loader(textured_data, 8, device="cuda", dtype=dtype, channels_last=True, num_threads=2,
+                          with_index=True)
     seen = []
     for x, y, i in loader:
         assert x.device.type == "cuda" and x.dtype == getattr(torch, dtype) and x.shape[1:] == (3, CROP, CROP)
