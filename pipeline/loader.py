@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import pipelines
-from pipeline.data import CROP, find_bad_sample, read_manifest, read_split, read_stats, rank_range
+from pipeline.data import find_bad_sample, read_manifest, read_split, read_stats, rank_range
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -208,4 +208,4 @@ def eval_loader(data, split: str = "val", crops: str = "center", batch_size: int
                  dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, with_index=with_index)
 
 
-__all__ = ["Loader", "train_loader", "eval_loader", "CROP"]
+__all__ = ["Loader", "train_loader", "eval_loader"]
