@@ -25,7 +25,6 @@ import io
 import json
 import multiprocessing
 import os
-import statistics
 import tarfile
 import time
 
