@@ -157,17 +157,28 @@ def host_rss_peak() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- timing
-def batches_for(rate: float, seconds: float, repeats: int, batch_size: int) -> int:
-    """Images per timed repeat, whole batches, so that `repeats` of them take about `seconds`."""
-    return batch_size * max(1, math.ceil(rate * seconds / repeats / batch_size))
+def stream_rate(batches, cfg, device: torch.device) -> tuple[float, dict]:
+    """(images/s, details) of an endless iterator of (images, labels) batches, read without restarts.
 
+    A warm-up of one repeat's time (at least two batches: pipelines fill their queues, workers start), then
+    `repeats` spans of seconds/repeats each; the median rate counts. The clock is read after a
+    torch.cuda.synchronize(), so GPU work still queued is inside the span. Epochs end where the data ends, never
+    early: breaking off an epoch would make the next one read and drop the rest first.
+    """
+    span = cfg.seconds / cfg.repeats
 
-def loader_rate(measure, cfg, batch_size: int) -> tuple[float, int]:
-    """(images/s, images per repeat) of a pipeline.speed-style `measure(images, repeats)`: a short probe of two
-    batches sizes the repeats, then `measure` runs its own warm-up and timed repeats."""
-    probe = measure(2 * batch_size, 1)
-    images = batches_for(probe, cfg.seconds, cfg.repeats, batch_size)
-    return measure(images, cfg.repeats), images
+    def run(min_batches: int) -> tuple[float, int]:
+        sync(device)
+        start, images, count = time.perf_counter(), 0, 0
+        while count < min_batches or time.perf_counter() - start < span:
+            x, _ = next(batches)
+            images, count = images + x.shape[0], count + 1
+        sync(device)
+        return images / (time.perf_counter() - start), images
+
+    run(2)
+    runs = [run(1) for _ in range(cfg.repeats)]
+    return statistics.median(r[0] for r in runs), {"images_per_repeat": int(statistics.median(r[1] for r in runs))}
 
 
 def limit_rate(cfg, threads: int) -> tuple[float, dict]:
@@ -183,8 +194,9 @@ def limit_rate(cfg, threads: int) -> tuple[float, dict]:
     return pipeline_speed.pillow_decode(jpegs, threads, cfg.repeats), {"images_per_repeat": images}
 
 
-def alternative_gpu(data, batch_size: int, workers: int, images: int, repeats: int, device) -> float:
-    """pipeline/speed.py's DataLoader + webdataset + Pillow, with each batch pinned and moved to the GPU."""
+def alternative_batches(data, batch_size: int, workers: int, device: torch.device):
+    """pipeline/speed.py's baseline as an endless stream: DataLoader + webdataset + its Pillow transform; on a GPU
+    each batch is pinned and moved there."""
     import webdataset as wds
 
     from pipeline.data import read_split, read_stats
@@ -193,18 +205,9 @@ def alternative_gpu(data, batch_size: int, workers: int, images: int, repeats: i
     dataset = (wds.WebDataset(split.tars, shardshuffle=False, nodesplitter=wds.single_node_only, empty_check=False)
                .shuffle(1000).to_tuple("jpg", "cls").map_tuple(transform, int).batched(batch_size, partial=True))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=True,
-                                         prefetch_factor=4, pin_memory=True)
-
-    def run():
-        seen = 0
-        while seen < images:
-            for x, _ in loader:
-                x = torch.as_tensor(x).to(device, non_blocking=True)
-                seen += len(x)
-                if seen >= images:
-                    break
-        torch.cuda.synchronize(device)
-    return pipeline_speed.median_rate(run, images, repeats)
+                                         prefetch_factor=4, pin_memory=device.type == "cuda")
+    for x, y in endless(loader):
+        yield torch.as_tensor(x).to(device, non_blocking=True), y
 
 
 class Trainer:
@@ -466,35 +469,18 @@ def main(argv):
     if "limit" in what:
         measure("limit", lambda: limit_rate(cfg, threads))
     if "pipeline" in what:
-        def pipeline():
-            rate, images = loader_rate(lambda n, r: pipeline_speed.dali_train(
-                cfg.data, batch, threads, n, r, device=str(device), **gpu_loader), cfg, batch)
-            return rate, {"images_per_repeat": images}
-        measure("pipeline", pipeline)
+        measure("pipeline", lambda: stream_rate(endless(train_loader(
+            cfg.data, batch, device=str(device), num_threads=threads, **gpu_loader)), cfg, device))
     if "tencrop" in what:
         if "val" not in manifest["splits"]:
             notes.append("tencrop skipped: the shards have no val split")
         else:
-            ten_batch = min(batch, 64)
-
-            def tencrop():
-                def run(images, repeats):
-                    loader = eval_loader(cfg.data, "val", "ten", ten_batch, device=str(device), num_threads=threads,
-                                         **gpu_loader)
-                    return pipeline_speed.median_rate(lambda: (pipeline_speed.consume(loader, images), sync(device)),
-                                                      images, repeats)
-                rate, images = loader_rate(run, cfg, ten_batch)
-                return rate, {"images_per_repeat": images, "batch_size": ten_batch}
-            measure("tencrop", tencrop)
+            ten_batch = min(batch, 64)  # 64 images = 640 patches per batch, as eval.py
+            measure("tencrop", lambda: stream_rate(endless(eval_loader(
+                cfg.data, "val", "ten", ten_batch, device=str(device), num_threads=threads, **gpu_loader)),
+                cfg, device), batch_size=ten_batch)
     if "alternative" in what:
-        def alternative():
-            if cuda:
-                run = lambda n, r: alternative_gpu(cfg.data, batch, threads, n, r, device)  # noqa: E731
-            else:
-                run = lambda n, r: pipeline_speed.torch_webdataset(cfg.data, batch, threads, n, r)  # noqa: E731
-            rate, images = loader_rate(run, cfg, batch)
-            return rate, {"images_per_repeat": images}
-        measure("alternative", alternative)
+        measure("alternative", lambda: stream_rate(alternative_batches(cfg.data, batch, threads, device), cfg, device))
     num_classes = len(manifest["classes"])
     if "model" in what:
         def model():
