@@ -19,7 +19,8 @@ SIGTERM or SIGUSR1 (Slurm's warning before the time limit) to any rank: at the n
 agree to stop, rank 0 writes RUN/checkpoint.pt with the batches done in the current epoch, prints a line
 starting `preempted:` and every rank exits with status 0. The rerun replays the epoch's loader up to that
 point without training on it and continues with the rest of the epoch, so the run is the same as one that was
-never stopped. A NaN/inf loss ends the run with status 1 and leaves the last checkpoint as it was.
+never stopped (bit for bit on the CPU; the tests check it). A NaN/inf loss ends the run with status 1 and
+leaves the last checkpoint as it was.
 """
 import json
 import math
@@ -215,7 +216,7 @@ def main(argv: list[str]) -> None:
     io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
     common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
                   dtype="bfloat16" if bf16 else "float32",
-                  num_threads=cfg.num_threads or max(1, (os.cpu_count() or 1) // local_size), **io)
+                  num_threads=cfg.num_threads or max(1, len(os.sched_getaffinity(0)) // local_size), **io)
 
     def epoch_loader(epoch: int):
         # A fresh loader per epoch, seeded by (seed, epoch): epoch e reads the same batches whether the run
@@ -311,20 +312,23 @@ def main(argv: list[str]) -> None:
             optimizer.step()
             step += 1
             bar.update()
-            n = len(labels)
-            # Running sums stay on the device: no .item() here, which would wait for the GPU every step.
-            batch = torch.stack([loss.detach().double() * n, (logits.argmax(1) == labels).sum().double()])
-            epoch_sums[:2] += batch
+            # Running sums stay on the device: no .item() (nor a tensor made from a Python number, which is a
+            # blocking copy) here, either would make the host wait for the GPU every step.
+            n, loss_sum = len(labels), loss.detach().double() * len(labels)
+            epoch_sums[0] += loss_sum
+            epoch_sums[1] += (logits.argmax(1) == labels).sum()
             epoch_sums[2] += n
-            interval += torch.stack([batch[0], batch.new_tensor(n)])
+            interval[0] += loss_sum
+            interval[1] += n
             if cfg.log_labels:
                 seen += labels.tolist()
             if step % cfg.log_interval == 0 or i + 1 == steps:
                 # The one sync point: loss, images and the stop flag summed over ranks in one all_reduce.
-                loss_sum, images_done, stop = all_sum([*interval.tolist(), float(bool(stop_signal))], device)
+                sums = all_sum([*interval.tolist(), float(bool(stop_signal))], device)
+                total_loss, total_images, stop = sums.tolist()
                 now = time.perf_counter()
-                loss_mean, lr = loss_sum.item() / images_done.item(), optimizer.param_groups[0]["lr"]
-                row = {"step": step, "loss": loss_mean, "lr": lr, "images_per_s": images_done.item() / (now - clock)}
+                loss_mean, lr = total_loss / total_images, optimizer.param_groups[0]["lr"]
+                row = {"step": step, "loss": loss_mean, "lr": lr, "images_per_s": total_images / (now - clock)}
                 epoch_sums[3] += now - clock
                 clock, interval = now, torch.zeros_like(interval)
                 if master:
@@ -341,13 +345,13 @@ def main(argv: list[str]) -> None:
         bar.close()
         if cfg.log_labels:
             print(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}", flush=True)
-        loss_sum, correct, images_done, seconds = all_sum(epoch_sums, device).tolist()
+        total_loss, correct, total_images, seconds = all_sum(epoch_sums, device).tolist()
         seconds /= world_size
         metrics = evaluate(model, val, device, autocast)
         schedule.step(metrics["val_top1_err"])
-        row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / images_done,
-               "train_top1_err": 1 - correct / images_done, **metrics, "lr": optimizer.param_groups[0]["lr"],
-               "epoch_time_s": seconds, "images_per_s": images_done / seconds}
+        row = {"epoch": epoch + 1, "step": step, "train_loss": total_loss / total_images,
+               "train_top1_err": 1 - correct / total_images, **metrics, "lr": optimizer.param_groups[0]["lr"],
+               "epoch_time_s": seconds, "images_per_s": total_images / seconds}
         skip, carried = 0, [0.0, 0.0, 0.0, 0.0]
         if master:
             log(row)
@@ -363,8 +367,9 @@ def main(argv: list[str]) -> None:
             finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; saved {ckpt_path} "
                       f"after epoch {epoch + 1}; rerun to resume")
 
-    # ---- final evaluation (also when rerun after the last epoch)
-    metrics = evaluate(model, val, device, autocast)
+    # ---- final evaluation: the last epoch's, or the checkpoint's when a finished run is rerun
+    if start_epoch >= cfg.epochs:
+        metrics = evaluate(model, val, device, autocast)
     if master:
         print(f"final: val top-1 error {metrics['val_top1_err']:.2%} (accuracy {1 - metrics['val_top1_err']:.2%}), "
               f"top-5 error {metrics['val_top5_err']:.2%} on {metrics['val_samples']} images (centre crop); "
