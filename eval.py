@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -95,14 +96,15 @@ def load_model(path: Path, num_classes: int, device: torch.device) -> AlexNet:
     return model.to(device).eval()
 
 
-def split_keys(data: Path, manifest: dict, split: str) -> list[str]:
-    """Sample keys in split order (shards in manifest order, samples in tar order): position -> file stem."""
-    keys = []
+def split_keys(data: Path, manifest: dict, split: str) -> dict[int, str]:
+    """Sample position (the `.pos` member, docs/FORMAT.md) -> key (the source file's stem), over the split."""
+    keys = {}
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(data / shard["file"]) as tar:
             for member in tar:
-                if member.name.endswith(".jpg"):
-                    keys.append(member.name[: -len(".jpg")])
+                key, _, ext = member.name.partition(".")
+                if ext == "pos":
+                    keys[int(np.frombuffer(tar.extractfile(member).read(), "<i4")[0])] = key
     return keys
 
 

@@ -54,6 +54,7 @@ class Split:
     tars: list[str]  # absolute paths, in manifest order
     indexes: list[str]  # the DALI index next to each tar
     num_samples: int  # real samples in the split
+    num_inputs: int  # inputs planned for the split: every sample's `.pos` is below it
 
 
 def read_split(data: str | os.PathLike, split: str, manifest: dict | None = None, check: bool = True) -> Split:
@@ -71,7 +72,9 @@ def read_split(data: str | os.PathLike, split: str, manifest: dict | None = None
         for tar, idx, shard in zip(tars, indexes, shards):
             check_shard(tar, idx, shard.get("num_samples"))
     num_samples = int(splits[split].get("num_samples", sum(s["num_samples"] for s in shards)))
-    return Split(split, tars, indexes, num_samples)
+    # Positions of rejected inputs stay unused (docs/FORMAT.md): valid positions lie below num_inputs.
+    num_inputs = int(splits[split].get("num_inputs", num_samples))
+    return Split(split, tars, indexes, num_samples, num_inputs)
 
 
 def check_shard(tar: str, idx: str, num_samples: int | None = None) -> None:

@@ -9,7 +9,7 @@ new epoch each time it is iterated, and hides DALI's outputs, padding and resets
   epoch, so across ranks every sample of the split is seen exactly once, in training as in evaluation.
   `len(loader) == ceil(num_samples / batch_size)`; the last batch holds `num_samples - (len-1)*batch_size`
   samples. DALI fills that batch up by repeating the rank's last sample; those copies are cut off here and
-  never reach the caller (the `.index` of each sample is checked, too).
+  never reach the caller (the `.pos` of each sample is checked, too).
 - Rank shares differ by at most one sample, so with several ranks `len()` can differ by one between ranks
   (only when ceil(N/n) % batch_size == 1). A DDP training loop that must step in lockstep wraps its epoch in
   `model.join()` (torch.nn.parallel.DistributedDataParallel) for that case.
@@ -37,12 +37,11 @@ def available_cpus() -> int:
 class Loader:
     """Iterable of `(images, labels)` for one rank; see the module docstring for the epoch contract."""
 
-    def __init__(self, pipe, *, split, num_samples: int, begin: int, batch_size: int, num_classes: int,
+    def __init__(self, pipe, *, split, num_samples: int, batch_size: int, num_classes: int,
                  device: torch.device, dtype: str, channels_last: bool, with_index: bool = False):
         self.pipe = pipe
         self.split = split  # data.Split: shard paths, for error messages
         self.num_samples = num_samples  # real samples this rank yields per epoch
-        self.begin = begin  # first split position of this rank: its samples are begin .. begin+num_samples-1
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.device = device
@@ -95,10 +94,9 @@ class Loader:
 
     def _batch(self, images, labels, index, keep):
         index = torch.from_dlpack(index.as_tensor()).to(torch.int64)[:keep]
-        if not bool(((index >= self.begin) & (index < self.begin + self.num_samples)).all()):
-            raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside this rank's "
-                               f"{self.begin}..{self.begin + self.num_samples - 1}: the shards' .index members "
-                               "do not match the manifest")
+        if not bool(((index >= 0) & (index < self.split.num_inputs)).all()):
+            raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside "
+                               f"0..{self.split.num_inputs - 1}: the shards' .pos members do not match the manifest")
         # Zero-copy: with DALI's dynamic executor each output batch is a buffer of its own that lives as long as
         # the torch tensor viewing it (DLPack), so no copy is needed to hand it over safely. On a GPU, DLPack
         # makes torch's current stream wait for DALI's.
@@ -161,7 +159,7 @@ def _make(kind, data, split, batch_size, *, device, rank, world_size, seed, dtyp
                 **options, batch_size=batch_size, num_threads=num_threads or available_cpus(),
                 device_id=device.index if gpu else None, seed=pipe_seed, prefetch_queue_depth=prefetch,
                 exec_dynamic=True)
-    return Loader(pipe, split=shards, num_samples=end - begin, begin=begin, batch_size=batch_size,
+    return Loader(pipe, split=shards, num_samples=end - begin, batch_size=batch_size,
                   num_classes=len(manifest["classes"]), device=device, dtype=dtype, channels_last=channels_last,
                   with_index=with_index)
 

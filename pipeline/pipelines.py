@@ -1,7 +1,7 @@
 """The three DALI pipelines: `train`, `center`, `ten_crop`, each composed of the small steps below.
 
-All three read `.jpg`, `.label` and `.index` from the shards and return `(images, labels, index)`: `index` is
-the sample's position in its split, which the loaders use to count exactly and to drop DALI's padding.
+All three read `.jpg`, `.label` and `.pos` from the shards and return `(images, labels, index)`: `index` is
+the sample's position in its split (`.pos`), which the loaders check and hand on to map results back to files.
 
 Pixel values are 0-255 minus the training set's mean (per pixel, the paper's "mean activity", or per channel);
 there is no division by a standard deviation, as in the paper.
@@ -37,7 +37,7 @@ def read(tars, indexes, *, shard_id, num_shards, shuffle, shuffle_buffer, seed, 
     boundary; `stick_to_shard` keeps each rank on the same samples, so its epoch length never changes.
     """
     jpegs, labels, index = fn.readers.webdataset(
-        name=READER, paths=tars, index_paths=indexes, ext=["jpg", "label", "index"],
+        name=READER, paths=tars, index_paths=indexes, ext=["jpg", "label", "pos"],
         dtypes=[types.UINT8, types.INT32, types.INT32], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
         random_shuffle=shuffle, initial_fill=shuffle_buffer, seed=seed,

@@ -169,7 +169,7 @@ def convert_chunk(job):
 
 def sample_members(position: int, key: str, label: int, jpeg: bytes):
     return key, [("jpg", jpeg), ("cls", str(label).encode()), ("label", np.int32(label).tobytes()),
-                 ("index", np.int32(position).tobytes())]
+                 ("pos", np.int32(position).tobytes())]
 
 
 # --- writing shards (main process) ---------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def write_shard(path: Path, samples: list[tuple[str, bytes, int, int]]) -> None:
             _add(tar, f"{key}.jpg", jpeg)
             _add(tar, f"{key}.cls", str(label).encode())
             _add(tar, f"{key}.label", np.int32(label).astype("<i4").tobytes())
-            _add(tar, f"{key}.index", np.int32(index).astype("<i4").tobytes())
+            _add(tar, f"{key}.pos", np.int32(index).astype("<i4").tobytes())
     subprocess.run([str(WDS2IDX), str(path), str(path.with_suffix(".idx"))], check=True, capture_output=True)
 
 
@@ -65,7 +65,7 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
     """A complete DATA directory from {split: [(rgb 256x256x3 uint8, class), ...]}; returns `root`.
 
     Statistics come from the decoded training JPEGs unless given. Samples keep their order, so a sample's
-    `.index` is its position in the list.
+    `.pos` is its position in the list.
     """
     root = Path(root)
     num_classes = num_classes or 1 + max(c for items in splits.values() for _, c in items)
@@ -120,7 +120,7 @@ def set_stats(root: Path, *, mean_image=None, eigval=None, eigvec=None) -> None:
 
 
 def read_samples(root: Path, split: str) -> dict[int, tuple[np.ndarray, int]]:
-    """{`.index`: (decoded JPEG as HWC uint8, class from `.cls`)} for every sample of a split, read by tarfile."""
+    """{`.pos`: (decoded JPEG as HWC uint8, class from `.cls`)} for every sample of a split, read by tarfile."""
     manifest = json.loads((Path(root) / "manifest.json").read_text())
     out = {}
     for shard in manifest["splits"][split]["shards"]:
@@ -130,7 +130,7 @@ def read_samples(root: Path, split: str) -> dict[int, tuple[np.ndarray, int]]:
                 key, _, ext = m.name.partition(".")
                 members.setdefault(key, {})[ext] = tar.extractfile(m).read()
         for parts in members.values():
-            index = int(np.frombuffer(parts["index"], "<i4")[0])
+            index = int(np.frombuffer(parts["pos"], "<i4")[0])
             out[index] = (decode(parts["jpg"]), int(parts["cls"]))
     return out
 

@@ -15,7 +15,7 @@ from model import AlexNet
 from pipeline import eval_loader
 from pipeline.pipelines import TEN_CROP_ORDER
 from tests.conftest import REPO
-from tests.shardkit import read_samples, write_data
+from tests.shardkit import read_samples, write_class_folders, write_data
 
 CROP = 224
 
@@ -186,3 +186,21 @@ def test_user_errors_are_one_line(tmp_path, seven_images, problem, words):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+
+
+def test_a_rejected_input_leaves_a_gap_that_evaluation_handles(tmp_path):
+    """A corrupt validation file is rejected by `make shards`; evaluation still counts every written image once."""
+    raw = write_class_folders(tmp_path / "raw", {"train": random_images(4, 2), "val": random_images(5, 2, seed=2)})
+    (raw / "val" / "n00000000" / "val_000000.png").write_bytes(b"not an image at all")  # sorts first: position 0
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "shards", "build", f"--raw={raw}", f"--out={data}"], cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    split = json.loads((data / "manifest.json").read_text())["splits"]["val"]
+    assert split["num_samples"] == 4 and split["num_rejected"] == 1
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, num_classes=2)
+    result = run_eval(f"--data={data}", f"--checkpoint={checkpoint}", "--batch_size=3", "--save_predictions")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "eval-val.json").read_text())["n"] == 4
+    keys = sorted(p["key"] for p in json.loads((tmp_path / "predictions-val.json").read_text()))
+    assert keys == [f"val_{i:06d}" for i in range(1, 5)]

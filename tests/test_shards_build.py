@@ -103,7 +103,7 @@ def test_samples_have_the_members_and_labels(folders_build):
         samples = all_samples(data, split)
         assert len(samples) == 3 * per_class
         for s in samples:
-            assert set(s) == {"__key__", "jpg", "cls", "label", "index"}
+            assert set(s) == {"__key__", "jpg", "cls", "label", "pos"}
             im = Image.open(io.BytesIO(s["jpg"]))
             assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (256, 256))
             assert "progressive" not in im.info
@@ -112,10 +112,10 @@ def test_samples_have_the_members_and_labels(folders_build):
             assert np.frombuffer(s["label"], "<i4")[0] == label
             wnid = s["__key__"].split("_")[-2]
             assert label == ["n01", "n02", "n03"].index(wnid)
-        assert sorted(np.frombuffer(s["index"], "<i4")[0] for s in samples) == list(range(len(samples)))
+        assert sorted(np.frombuffer(s["pos"], "<i4")[0] for s in samples) == list(range(len(samples)))
     val = all_samples(data, "val")
     assert [s["__key__"] for s in val] == sorted(s["__key__"] for s in val)  # source order
-    assert [np.frombuffer(s["index"], "<i4")[0] for s in val] == list(range(6))
+    assert [np.frombuffer(s["pos"], "<i4")[0] for s in val] == list(range(6))
 
 
 def test_train_is_shuffled_globally(folders_build):
@@ -123,7 +123,7 @@ def test_train_is_shuffled_globally(folders_build):
     samples = all_samples(data, "train")
     labels = [int(s["cls"]) for s in samples]
     assert labels != sorted(labels)
-    assert [np.frombuffer(s["index"], "<i4")[0] for s in samples] == list(range(18))
+    assert [np.frombuffer(s["pos"], "<i4")[0] for s in samples] == list(range(18))
     assert len({int(s["cls"]) for s in samples[:6]}) > 1
 
 
@@ -146,13 +146,12 @@ def test_shards_open_with_tar_and_webdataset(folders_build):
     if shutil.which("tar"):
         listing = subprocess.run(["tar", "-tf", str(tar)], check=True, capture_output=True, text=True).stdout.split()
         assert len(listing) == 5 * 4 and listing[0].endswith(".jpg") and listing[1].endswith(".cls")
-    # webdataset's default handlers take `.index` for ASCII text; it is int32 here (docs/FORMAT.md), so decode
-    # only the members that need it.
-    ds = webdataset.WebDataset(str(tar), shardshuffle=False).decode("pil", only=["jpg", "cls"])
-    rows = list(ds.to_tuple("jpg", "cls", "index"))
+    # webdataset's default decoders apply as they are: no member name clashes with one they parse as text.
+    ds = webdataset.WebDataset(str(tar), shardshuffle=False).decode("pil")
+    rows = list(ds.to_tuple("jpg", "cls", "pos"))
     assert len(rows) == 5
-    for im, cls, index in rows:
-        assert im.size == (256, 256) and 0 <= cls < 3 and 0 <= np.frombuffer(index, "<i4")[0] < 18
+    for im, cls, pos in rows:
+        assert im.size == (256, 256) and 0 <= cls < 3 and 0 <= np.frombuffer(pos, "<i4")[0] < 18
 
 
 def test_stats_file(folders_build):
