@@ -289,6 +289,7 @@ def preprocess_rates(cfg) -> dict:
 
 def _preprocess_child(files: list[str], seconds: float, repeats: int) -> dict:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    Peak(torch.device("cpu")).__enter__()  # this child's own RSS high-water mark from here on
     ways = {"build": shard_speed.build_step, "plain": shard_speed.image.plain_pillow}
     warm = [Path(f).read_bytes() for f in files[:8]]
     spent = shard_speed.time_ways(warm, ways, 1)  # warm-up; its time sizes the repeats
@@ -407,7 +408,7 @@ RATIOS = (  # (key, numerator, denominator, what it says)
 def table(results: dict, ratios: dict, labels: dict) -> str:
     head = f"{'measurement':<62} {'images/s':>10} {'host RSS MiB':>13} {'GPU MiB (torch/device)':>23}"
     lines = [head, "-" * len(head)]
-    for key, r in results.items():
+    for key, r in ((k, results[k]) for k in ROWS if k in results):
         gpu = (f"{r['gpu_torch_peak_mib']:.0f} / {r['gpu_device_used_mib']:.0f}" if "gpu_torch_peak_mib" in r else "-")
         host = f"{r['host_rss_peak_mib']:.0f}" if "host_rss_peak_mib" in r else "-"
         lines.append(f"{labels[key]:<62} {r['images_per_s']:>10.1f} {host:>13} {gpu:>23}")
@@ -466,6 +467,18 @@ def main(argv):
         results[key] = {"images_per_s": rate, **peak.memory, **amount, **extra}
         print(f"  {rate:.1f} images/s", file=sys.stderr, flush=True)
 
+    if "preprocess" in what:
+        if not Path(cfg.raw).is_dir():
+            notes.append(f"preprocess skipped: no folder of full-size JPEGs at {cfg.raw} (set --raw=DIR)")
+            print(notes[-1], file=sys.stderr)
+        else:
+            print(f"measuring {labels['preprocess']} ...", file=sys.stderr, flush=True)
+            rates = preprocess_rates(cfg)  # first: its child process forks from a still small parent
+            for key, way in (("preprocess", "build"), ("preprocess_plain", "plain")):
+                results[key] = {"images_per_s": rates[way], "images_per_repeat": rates["images"], "cores": 1,
+                                "host_rss_peak_mib": rates["host_rss_peak_mib"]}
+            print(f"  {rates['build']:.1f} vs {rates['plain']:.1f} images/s", file=sys.stderr, flush=True)
+
     if "limit" in what:
         measure("limit", lambda: limit_rate(cfg, threads))
     if "pipeline" in what:
@@ -499,18 +512,6 @@ def main(argv):
             rate, steps = trainer.rate(endless(loader), batch, cfg)
             return rate, {"steps_per_repeat": steps}
         measure("end_to_end", end_to_end)
-    if "preprocess" in what:
-        if not Path(cfg.raw).is_dir():
-            notes.append(f"preprocess skipped: no folder of full-size JPEGs at {cfg.raw} (set --raw=DIR)")
-            print(notes[-1], file=sys.stderr)
-        else:
-            print(f"measuring {labels['preprocess']} ...", file=sys.stderr, flush=True)
-            rates = preprocess_rates(cfg)  # in a child process, which reports its own peak RSS
-            for key, way in (("preprocess", "build"), ("preprocess_plain", "plain")):
-                results[key] = {"images_per_s": rates[way], "images_per_repeat": rates["images"], "cores": 1,
-                                "host_rss_peak_mib": rates["host_rss_peak_mib"]}
-            print(f"  {rates['build']:.1f} vs {rates['plain']:.1f} images/s", file=sys.stderr, flush=True)
-
     record["ratios"] = {key: results[num]["images_per_s"] / results[den]["images_per_s"]
                         for key, num, den, _ in RATIOS if num in results and den in results}
     record["load_after"] = os.getloadavg()
