@@ -76,7 +76,7 @@ class Config:
 # (with 10, the bias-1 initialisation lets one step move all logits together by a lot and the loss jumps to ~20).
 # No dropout: it halves the useful signal per step, and a few hundred steps leave no time to overfit anyway.
 # lr_patience=3: 100 validation images give noisy errors, which must not end the run's learning early.
-DEMO = dict(epochs=8, batch_size=16, lr=0.001, dropout=0.0, lr_patience=3, log_interval=5, num_threads=2)
+DEMO = dict(epochs=4, batch_size=16, lr=0.001, dropout=0.0, lr_patience=3, log_interval=5, num_threads=2)
 
 
 def derived_seed(*keys: int) -> int:
