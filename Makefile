@@ -15,6 +15,7 @@ DATA       ?= $(SAMPLE_DATA)
 RUN        ?= runs/demo
 CKPT       ?= $(RUN)/checkpoint.pt
 ARGS       ?=
+BENCH_DATA ?= data/bench
 
 PY      := $(VENV)/bin/python
 SAMPLE_IF_DEFAULT := $(if $(filter $(SAMPLE_DATA),$(DATA)),$(SAMPLE_DATA)/manifest.json)
@@ -22,7 +23,7 @@ STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)
 EXTRAS  := .[cuda$(DALI_CUDA),dev]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
-.PHONY: help setup demo test sample shards verify train eval bench wheelhouse clean
+.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse clean
 
 help:
 	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
@@ -31,6 +32,7 @@ help:
 	@echo "make train  DATA=<shard dir> RUN=<run dir> [ARGS='--key=value ...']"
 	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
 	@echo "make bench  DATA=<shard dir>"
+	@echo "make bench-data; make bench DATA=data/bench   # realistic: 1000 real images x20"
 	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
 	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
@@ -76,6 +78,10 @@ eval: setup $(SAMPLE_IF_DEFAULT)
 
 bench: setup $(SAMPLE_IF_DEFAULT)
 	$(PY) bench.py --data=$(DATA) $(ARGS)
+
+# Realistic benchmark shards: the 1000 real ILSVRC2012 images (../shared/data, or ARGS=--raw=DIR), copied 20x.
+bench-data: setup
+	$(PY) bench.py --make_data=$(BENCH_DATA) --repeat=20 $(ARGS)
 
 demo: setup $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(DATA) --run=$(RUN) --preset=demo $(ARGS)
