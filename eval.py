@@ -167,9 +167,10 @@ def results_table(result: dict) -> str:
 def main(argv):
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     data, checkpoint_path = Path(cfg.data), Path(cfg.checkpoint)
-    if not (data / "manifest.json").is_file():
-        raise UsageError(f"{data} is not a shard directory (no manifest.json): run `make shards DATA={data}` first")
-    manifest = read_manifest(data)
+    try:
+        manifest = read_manifest(data)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
     rank, world_size, device = setup_distributed(cfg.device)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+FORMAT = 2  # the shard format version (docs/FORMAT.md) these pipelines read
 SIZE = 256  # px, side of every stored image
 CROP = 224  # px, side of the network input
 
@@ -17,11 +18,15 @@ def read_manifest(data: str | os.PathLike) -> dict:
     """`DATA/manifest.json` as a dict; a missing or unreadable manifest is an error naming the file."""
     path = Path(data) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest (is {data} a directory written by `shards build`?)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable manifest: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: shard format {manifest.get('format')}, these pipelines read format {FORMAT}: "
+                         f"rebuild the shards into an empty directory")
+    return manifest
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 from config import UsageError, parse_config, run_main
 from shards import image, layouts, tario
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
 CHUNK = 32  # inputs per worker job: large enough to amortise the IPC, small enough to balance the load
 BUILD_DIR = ".build"  # under DATA: the plan and the per-shard results that `merge` combines
 
@@ -112,6 +112,8 @@ def save_plan(out: Path, plan: dict) -> None:
         if same(old) != same(plan):
             diff = [k for k in plan["params"] if old["params"].get(k) != plan["params"][k] and k != "raw"]
             what = f"parameters differ: {', '.join(diff)}" if diff else "the input differs"
+            if old.get("format") != plan["format"]:
+                what = f"shard format {old.get('format')}, this version writes format {plan['format']}"
             raise UsageError(f"{out} holds a build with another plan ({what}); use an empty --out or the same "
                              "input and parameters to resume")
         return

@@ -69,7 +69,7 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
     """
     root = Path(root)
     num_classes = num_classes or 1 + max(c for items in splits.values() for _, c in items)
-    manifest = {"format": 1, "splits": {}, "rejected": [], "converted": [],
+    manifest = {"format": 2, "splits": {}, "rejected": [], "converted": [],
                 "classes": [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(num_classes)]}
     decoded = {}
     for split, items in splits.items():

@@ -168,7 +168,7 @@ def test_results_are_the_same_for_any_rank_count(tmp_path, seven_images):
     ("split", "split 'test' is not in"),
     ("corrupt", "is unreadable or not written by train.py"),
     ("missing", "does not exist"),
-    ("no_data", "is not a shard directory"),
+    ("no_data", "no manifest"),
 ])
 def test_user_errors_are_one_line(tmp_path, seven_images, problem, words):
     checkpoint = tmp_path / "checkpoint.pt"
