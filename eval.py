@@ -155,11 +155,11 @@ def per_class_accuracy(predictions, classes) -> list[dict]:
 
 def results_table(result: dict) -> str:
     ten, center = result["ten_crop"], result["center"]
-    lines = [f"{'':50s} {'top-1 err':>9s} {'top-5 err':>9s}",
-             f"{'this run, ' + result['split'] + ', ten patches':50s} {ten['top1_err']:8.1f}% {ten['top5_err']:8.1f}%",
-             f"{'this run, ' + result['split'] + ', centre patch':50s} {center['top1_err']:8.1f}% "
+    lines = [f"{'':54s} {'top-1 err':>9s} {'top-5 err':>9s}",
+             f"{'this run, ' + result['split'] + ', ten patches':54s} {ten['top1_err']:8.1f}% {ten['top5_err']:8.1f}%",
+             f"{'this run, ' + result['split'] + ', centre patch':54s} {center['top1_err']:8.1f}% "
              f"{center['top5_err']:8.1f}%"]
-    lines += [f"{'paper: ' + name:50s} {t1:8.1f}% {t5:8.1f}%" for name, t1, t5 in PAPER_RESULTS]
+    lines += [f"{'paper: ' + name:54s} {t1:8.1f}% {t5:8.1f}%" for name, t1, t5 in PAPER_RESULTS]
     lines.append(f"({result['n']} images, {result['seconds']:.1f} s)")
     return "\n".join(lines)
 
