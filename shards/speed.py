@@ -25,6 +25,7 @@ from PIL import Image
 
 from config import parse_config, run_main
 from shards import image
+from shards.build import add_pixel_sums
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
@@ -71,11 +72,14 @@ def reference_patch(data: bytes, size: int = image.SIZE) -> np.ndarray:
     return np.clip(np.einsum("xw,ywc->yxc", wx, out), 0, 255)
 
 
+_SUMS = {"sum_image": np.zeros((image.SIZE, image.SIZE, 3), np.uint64), "pixel_sum": np.zeros(3, np.int64),
+         "pixel_outer": np.zeros((3, 3), np.int64), "num_images": 0}
+
+
 def build_step(data: bytes) -> None:
-    """One image as a build worker handles it: prepare + the statistics sums."""
+    """One image as a build worker handles it: prepare + the statistics sums (the build's own code for both)."""
     _, pixels, _ = image.prepare(data)
-    flat = pixels.reshape(-1, 3).astype(np.float64)
-    flat.sum(0), flat.T @ flat
+    add_pixel_sums(_SUMS, pixels)
 
 
 def decode_only(data: bytes) -> None:
