@@ -99,6 +99,8 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
     known = {f.name for f in dataclasses.fields(cls)}
     overrides = {}
     for arg in argv:
+        if arg == "--":  # what separates a launcher's options (torchrun's) from ours, if it is passed on
+            continue
         if arg in ("-h", "--help"):
             print(help_text(cls, description))
             sys.exit(0)

@@ -179,6 +179,7 @@ def main(argv):
     def run_pass(crops: str, keep_predictions: bool):
         loader = eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
                              world_size=world_size, num_threads=cfg.num_threads or None, with_index=True,
+                             dtype=cfg.dtype if device.type == "cuda" else None,
                              dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
         return reduce_results(correct, count, predictions, world_size)

@@ -164,7 +164,6 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def resolve_config(argv: list[str]) -> Config:
     """Defaults, then the preset, then the explicit --key=value options."""
-    argv = [a for a in argv if a != "--"]  # what separates our options from torchrun's, if it passes it on
     cfg = parse_config(Config, argv, description=__doc__)
     if cfg.preset == "demo":
         explicit = {a[2:].partition("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
@@ -243,11 +242,15 @@ def main(argv: list[str]) -> None:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["scheduler"])
-        start_epoch, skip, step, carried = ckpt["epoch"], ckpt["batches_done"], ckpt["step"], ckpt["epoch_sums"]
+        start_epoch, skip, step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
+        carried = ckpt["epoch_sums"] if master else carried  # the sums of all ranks, counted once
         changed = sorted(k for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v and k != "resume")
+        if skip and ckpt["world_size"] != world_size:  # its batches were another split of the data: redo the epoch
+            changed.append(f"ranks {ckpt['world_size']} -> {world_size}, so epoch {start_epoch + 1} starts over")
+            skip, step, carried = 0, step - skip, [0.0, 0.0, 0.0, 0.0]
         if master:
             print(f"resuming from {ckpt_path}: epoch {start_epoch} done, +{skip} batches, step {step}"
-                  + (f" (options changed since: {', '.join(changed)})" if changed else ""), flush=True)
+                  + (f" (changed since: {', '.join(changed)})" if changed else ""), flush=True)
     if master and metrics_path.exists():  # drop lines written after the checkpoint (a crash, not a clean stop)
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if ckpt else []
         rows = [r for r in rows if r["step"] <= step]
@@ -258,7 +261,8 @@ def main(argv: list[str]) -> None:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def checkpoint(epochs_done: int, batches_done: int, epoch_sums: list[float]) -> None:
+    def checkpoint(epochs_done: int, batches_done: int, epoch_sums: torch.Tensor) -> None:
+        totals = all_sum(epoch_sums, device).tolist()  # every rank's part of the interrupted epoch
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
         rngs = [None] * world_size
         if distributed:
@@ -268,7 +272,7 @@ def main(argv: list[str]) -> None:
         if master:
             save_atomically({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": schedule.state_dict(), "epoch": epochs_done, "batches_done": batches_done,
-                             "step": step, "epoch_sums": epoch_sums, "config": asdict(cfg),
+                             "step": step, "epoch_sums": totals, "config": asdict(cfg),
                              "num_classes": num_classes, "world_size": world_size, "rng": rngs}, ckpt_path)
 
     def finish(code: int, message: str = "") -> None:
@@ -284,12 +288,14 @@ def main(argv: list[str]) -> None:
               f"{num_classes} classes, epochs {start_epoch + 1}..{cfg.epochs}, lr {optimizer.param_groups[0]['lr']:g}")
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(derived_seed(cfg.seed, epoch, rank))  # dropout masks, like the data, fixed per epoch
-        if skip and len(ckpt["rng"]) == world_size:  # a mid-epoch stop: continue the RNG from where it was
+        if skip:  # a mid-epoch stop: continue the RNG from where it was
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])
             if cuda and "cuda" in ckpt["rng"][rank]:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
         loader = epoch_loader(epoch)
-        # Ranks' shares differ by at most one sample, so len() may differ by one: all ranks take the shortest.
+        # Ranks' shares differ by at most one sample, so len() may differ by one: all ranks take the shortest (DDP
+        # steps in lockstep), leaving out of this epoch the last sample of up to world_size-1 ranks, a different
+        # random one each epoch, when ceil(N / world_size) % per-rank batch == 1.
         steps = int(all_sum([len(loader)], device, op=dist.ReduceOp.MIN)[0])
         steps = min(steps, cfg.max_steps_per_epoch or steps)
         train_model.train()
@@ -339,7 +345,7 @@ def main(argv: list[str]) -> None:
                     finish(1, f"diverged: loss is {loss_mean} at epoch {epoch + 1}, step {step}; the last good "
                               f"checkpoint is {ckpt_path} (try a lower --lr)")
                 if stop and i + 1 < steps:
-                    checkpoint(epoch, i + 1, epoch_sums.tolist())
+                    checkpoint(epoch, i + 1, epoch_sums)
                     finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
                               f"saved {ckpt_path} at epoch {epoch + 1}, batch {i + 1}/{steps}; rerun to resume")
         bar.close()
@@ -362,7 +368,7 @@ def main(argv: list[str]) -> None:
                   f"next lr {row['lr']:g}", flush=True)
         if not math.isfinite(row["train_loss"]):
             finish(1, f"diverged: mean train loss of epoch {epoch + 1} is {row['train_loss']}")
-        checkpoint(epoch + 1, 0, carried)
+        checkpoint(epoch + 1, 0, torch.zeros(4, dtype=torch.float64))
         if epoch + 1 < cfg.epochs and all_sum([float(bool(stop_signal))], device)[0] > 0:
             finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; saved {ckpt_path} "
                       f"after epoch {epoch + 1}; rerun to resume")

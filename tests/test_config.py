@@ -27,6 +27,7 @@ def test_defaults_and_typed_overrides():
     assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
     assert parse_config(Example, []) == Example()
     assert parse_config(Example, ["--compile=false", "--limit=none"]).limit is None
+    assert parse_config(Example, ["--", "--epochs=3"]).epochs == 3  # torchrun ... script.py -- --key=value
 
 
 @pytest.mark.parametrize("argv, words", [

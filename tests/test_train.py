@@ -183,3 +183,37 @@ def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
     assert epoch[0]["val_samples"] == 5  # 3 + 2 over the ranks, none twice, none padded
     assert [r["step"] for r in metrics(run) if "epoch" not in r] == [1, 2]  # 2 steps of 2 images per rank
     assert torch.load(run / "checkpoint.pt")["world_size"] == 2
+
+
+def torchrun_train(data, run, *args, wait=True):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
+               f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--num_threads=1", "--device=cpu",
+               "--log_interval=1", "--max_steps_per_epoch=4", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_two_rank_stop_mid_epoch_then_resume_gives_the_same_epoch(data, tmp_path):
+    """Weights and the epoch's train loss/error (summed over both ranks) equal an uninterrupted run's."""
+    reference = tmp_path / "reference"
+    assert torchrun_train(data, reference).returncode == 0
+    run = tmp_path / "run"
+    process = torchrun_train(data, run, wait=False)
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[0]), signal.SIGUSR1)  # one rank only: the ranks agree at the next log interval
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "preempted:" in out, out + err
+    assert torch.load(run / "checkpoint.pt", map_location="cpu")["batches_done"] < 4
+    resumed = torchrun_train(data, run)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
+    assert_same_weights(weights(run), weights(reference))
+    (expected,), (got,) = ([r for r in metrics(x) if "epoch" in r] for x in (reference, run))
+    for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-9), key
