@@ -128,10 +128,9 @@ def find_bad_sample(tars: list[str], indexes: list[str]) -> str | None:
     for tar, idx in zip(tars, indexes):
         try:
             with open(idx) as f, open(tar, "rb") as t:
-                next(f)
+                step = 4 if next(f).startswith("v1.2") else 3  # v1.2 lines add each member's file name
                 for line in f:
                     fields = line.split()
-                    step = 4 if len(fields) % 4 == 0 else 3
                     for i in range(0, len(fields) - 2, step):
                         if fields[i] != "jpg":
                             continue
