@@ -217,3 +217,12 @@ def test_two_rank_stop_mid_epoch_then_resume_gives_the_same_epoch(data, tmp_path
     (expected,), (got,) = ([r for r in metrics(x) if "epoch" in r] for x in (reference, run))
     for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err"):
         assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+@pytest.mark.slow
+def test_compiled_training_writes_a_plain_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    result = run_train(f"--data={data}", f"--run={run}", "--compile", "--epochs=1", "--max_steps_per_epoch=2",
+                       "--batch_size=4", "--log_interval=1", "--num_threads=1", "--device=cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    AlexNet(num_classes=4).load_state_dict(weights(run))  # no `_orig_mod.` prefixes: eval.py can load it
