@@ -15,6 +15,7 @@ See docs/FORMAT.md for what is written. How it works:
 """
 import dataclasses
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -130,6 +131,12 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path, buffer.getvalue())
+
+
 # --- converting inputs (runs in the worker processes) ----------------------------------------------------------------
 
 def convert_chunk(job):
@@ -214,9 +221,7 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
     if with_stats:
         total = {"sum_image": sum(r[4]["sum_image"].astype(np.uint64) for r in results),
                  **{k: sum(r[4][k] for r in results) for k in ("pixel_sum", "pixel_outer", "num_images")}}
-        npz_tmp = npz_path.with_name(npz_path.name + ".tmp.npz")
-        np.savez(npz_tmp, **total)
-        os.replace(npz_tmp, npz_path)
+        atomic_savez(npz_path, **total)
     atomic_write(json_path, json.dumps(result, indent=1).encode())
     atomic_write(tar.with_suffix(".idx"), index.encode())
     os.replace(tmp, tar)
@@ -366,9 +371,7 @@ def merge(out: Path | str) -> dict:
     mean_image = totals["sum_image"].astype(np.float64) / num_images
     stats = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": eigval.tolist(), "pca_eigvec": eigvec.tolist(),
              "num_images": num_images, "num_pixels": num_pixels}
-    tmp = out / "stats.tmp.npz"
-    np.savez(tmp, mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
-    os.replace(tmp, out / "stats.npz")
+    atomic_savez(out / "stats.npz", mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
     manifest = {"format": FORMAT_VERSION, "classes": plan["classes"], "splits": splits, "rejected": rejected,
                 "converted": converted, "stats": stats, "params": plan["params"]}
     atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
