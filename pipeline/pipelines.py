@@ -45,6 +45,11 @@ def read(tars, indexes, *, shard_id, num_shards, shuffle, shuffle_buffer, seed, 
     return jpegs, fn.reshape(labels, shape=[]), fn.reshape(index, shape=[])
 
 
+def read_in_order(tars, indexes, **options):
+    """`read` for evaluation: shard order, no shuffling."""
+    return read(tars, indexes, shuffle=False, shuffle_buffer=1, seed=0, **options)
+
+
 def random_crop_position():
     """Normalised crop anchors: x, y drawn uniformly from the 33 integer offsets 0..32 (k/32 * 32 == k exactly)."""
     positions = [k / OFFSETS for k in range(OFFSETS + 1)]
@@ -140,8 +145,8 @@ def train(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, eigval, 
 def center(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="pixel", dont_use_mmap=False,
            read_ahead=False, gpu=False, dtype="float32", channels_last=False):
     """The central 224x224 patch, mean subtracted, no augmentation."""
-    jpegs, labels, index = read(tars, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=False,
-                                shuffle_buffer=1, seed=0, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
+    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards,
+                                         dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
     images = patch(jpegs, gpu, 0.5, 0.5, mean=mean, mean_image=mean_image, rgb_mean=rgb_mean, dtype=dtype,
                    channels_last=channels_last)
     return images, output_labels(labels, gpu), index
@@ -151,8 +156,8 @@ def center(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="p
 def ten_crop(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="pixel", dont_use_mmap=False,
              read_ahead=False, gpu=False, dtype="float32", channels_last=False):
     """The four corner patches and the centre patch, then the same five reflected: [10, 3, 224, 224] per image."""
-    jpegs, labels, index = read(tars, indexes, shard_id=shard_id, num_shards=num_shards, shuffle=False,
-                                shuffle_buffer=1, seed=0, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
+    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards,
+                                         dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
     image = decode(jpegs, gpu)
     if mean == "pixel":
         image, offset = image - constant_image(mean_image, gpu), 0.0
