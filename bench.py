@@ -49,6 +49,7 @@ from config import UsageError, parse_config, run_main
 from model import AlexNet
 from pipeline import eval_loader, read_manifest, train_loader
 from pipeline import speed as pipeline_speed
+from runtime import available_cpus, limit_threads
 from shards import speed as shard_speed
 
 REPO = Path(__file__).resolve().parent
@@ -440,7 +441,8 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     batch = cfg.batch_size or (256 if cuda else 64)
-    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+    threads = cfg.num_threads or available_cpus()
+    limit_threads(threads)
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution algorithms once
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

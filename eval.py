@@ -22,6 +22,7 @@ import torch.distributed as dist
 from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
 from pipeline import eval_loader, read_manifest
+from runtime import available_cpus, limit_threads
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -174,11 +175,13 @@ def main(argv):
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
     rank, world_size, device = setup_distributed(cfg.device)
+    cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share of the node
+    limit_threads(cpus)
     model = load_model(checkpoint_path, len(manifest["classes"]), device)
 
     def run_pass(crops: str, keep_predictions: bool):
         loader = eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                             world_size=world_size, num_threads=cfg.num_threads or None, with_index=True,
+                             world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
                              dtype=cfg.dtype if device.type == "cuda" else None,
                              dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
 from pipeline import eval_loader, read_manifest, train_loader
+from runtime import available_cpus, limit_threads
 
 
 @dataclass
@@ -206,6 +207,8 @@ def main(argv: list[str]) -> None:
     if master:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.json")
+    cpus = max(1, available_cpus() // local_size)  # this rank's share of the node
+    limit_threads(cpus)
     stop_signal = []  # set by the handler, acted on at the next sync point so that all ranks stop together
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
@@ -215,7 +218,7 @@ def main(argv: list[str]) -> None:
     io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
     common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
                   dtype="bfloat16" if bf16 else "float32",
-                  num_threads=cfg.num_threads or max(1, len(os.sched_getaffinity(0)) // local_size), **io)
+                  num_threads=cfg.num_threads or cpus, **io)
 
     def epoch_loader(epoch: int):
         # A fresh loader per epoch, seeded by (seed, epoch): epoch e reads the same batches whether the run

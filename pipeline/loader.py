@@ -16,22 +16,15 @@ new epoch each time it is iterated, and hides DALI's outputs, padding and resets
 - Breaking out of a loop and iterating again starts a new epoch: the rest of the old one is read and discarded.
 """
 import math
-import os
 
 import numpy as np
 import torch
 
 from pipeline import pipelines
+from runtime import available_cpus
 from pipeline.data import find_bad_sample, read_manifest, read_split, read_stats, rank_range
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 class Loader:
