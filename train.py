@@ -17,10 +17,13 @@ faster, not different. To use the extra GPUs for larger batches instead, raise b
 
 SIGTERM or SIGUSR1 (Slurm's warning before the time limit) to any rank: at the next log interval all ranks
 agree to stop, rank 0 writes RUN/checkpoint.pt with the batches done in the current epoch, prints a line
-starting `preempted:` and every rank exits with status 0. The rerun replays the epoch's loader up to that
-point without training on it and continues with the rest of the epoch, so the run is the same as one that was
-never stopped (bit for bit on the CPU; the tests check it). A NaN/inf loss ends the run with status 1 and
-leaves the last checkpoint as it was.
+starting `preempted:` and every rank exits with status 0. The rerun starts directly at the next global step
+(nothing before it is read again), also on another number of GPUs: every epoch is a fresh permutation of the
+training set drawn from (seed, epoch), and global step s is the same batch on any number of ranks
+(pipeline/order.py). On the same number of ranks the run equals one that was never stopped, bit for bit on the
+CPU (the tests check it). An epoch has N // batch_size steps: the N % batch_size samples left at the end of its
+permutation, a different random set every epoch, wait for the next. A NaN/inf loss ends the run with status 1
+and leaves the last checkpoint as it was.
 """
 import json
 import math
@@ -64,10 +67,10 @@ class Config:
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (about a minute of compiling first)
     num_threads: int = 0  # DALI CPU threads per rank (0: this node's CPUs divided among its ranks)
-    storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
+    storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (validation I/O)
     log_interval: int = 100  # steps between metric lines (the only host-device syncs in the loop)
-    max_steps_per_epoch: int = 0  # stop each epoch after this many steps (0: the whole epoch; for quick tests)
-    seed: int = 0  # seeds the data order, augmentation, dropout and initialisation
+    max_steps_per_epoch: int = 0  # end each epoch after this many global steps (0: the whole epoch; quick tests)
+    seed: int = 0  # seeds the data order (a new permutation each epoch), augmentation, dropout and initialisation
     resume: bool = True  # continue from RUN/checkpoint.pt when there is one (false: start over)
     log_labels: bool = False  # each rank prints the labels it trained on (to test the data split across ranks)
 
@@ -131,6 +134,52 @@ def evaluate(model, loader, device, autocast) -> dict:
         sums[3] += len(labels)
     loss, top1, top5, n = all_sum(sums, device).tolist()
     return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n, "val_samples": int(n)}
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool, distributed: bool):
+    """(the plain model, the model to train (DDP and/or compiled), the model to evaluate (compiled, no DDP))."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw_model = AlexNet(num_classes=num_classes, dropout=cfg.dropout).to(device)
+    if channels_last:
+        raw_model = raw_model.to(memory_format=torch.channels_last)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(raw_model) if distributed else raw_model
+    # Compile the DDP wrapper, not the module inside it: then gradient all-reduces overlap the compiled backward.
+    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    return raw_model, train_model, torch.compile(raw_model) if cfg.compile else raw_model
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module, fused: bool) -> torch.optim.SGD:
+    """The paper's SGD. PyTorch's keeps the velocity of g + wd*w and multiplies by lr when stepping; the paper's
+    rule puts lr inside the velocity. They differ only for a few steps after an lr drop."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=fused)
+
+
+def train_step(model, optimizer, images, labels, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a batch: (loss, logits), both left on the device (no host sync)."""
+    with autocast:
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, logits
+
+
+def seed_dropout(seed: int, epoch: int, skip: int, rank: int, world_size: int, ckpt: dict | None, device) -> None:
+    """Dropout masks: drawn per (seed, epoch, rank); a run stopped mid-epoch continues the stopped RNG streams.
+
+    Resumed on another number of ranks, the streams are rank-local and cannot be carried over: the rest of the
+    epoch draws its masks from (seed, epoch, step, rank) instead (the data and augmentation are unaffected).
+    """
+    if ckpt is None:
+        torch.manual_seed(derived_seed(seed, epoch, rank))
+    elif ckpt["world_size"] != world_size:
+        torch.manual_seed(derived_seed(seed, epoch, skip, rank))
+    else:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
 
 
 def save_atomically(obj, path: Path) -> None:
@@ -213,34 +262,16 @@ def main(argv: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
 
-    # ---- loaders: each rank reads its own 1/world_size of every split
+    # ---- validation loader: each rank reads its own 1/world_size of the split
     per_rank = cfg.batch_size // world_size
     io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
     common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
-                  dtype="bfloat16" if bf16 else "float32",
-                  num_threads=cfg.num_threads or cpus, **io)
+                  dtype="bfloat16" if bf16 else "float32", num_threads=cfg.num_threads or cpus)
+    val = eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
 
-    def epoch_loader(epoch: int):
-        # A fresh loader per epoch, seeded by (seed, epoch): epoch e reads the same batches whether the run
-        # got there without a break or resumed from a checkpoint. Building it costs about a second.
-        return train_loader(cfg.data, per_rank, seed=derived_seed(cfg.seed, epoch), lighting=cfg.lighting, **common)
-
-    val = eval_loader(cfg.data, "val", "center", per_rank, **common)
-
-    # ---- model
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = AlexNet(num_classes=num_classes, dropout=cfg.dropout).to(device)
-    if channels_last:
-        raw_model = raw_model.to(memory_format=torch.channels_last)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(raw_model) if distributed else raw_model
-    # Compile the DDP wrapper, not the module inside it: then gradient all-reduces overlap the compiled backward.
-    train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
-    model = torch.compile(raw_model) if cfg.compile else raw_model  # for evaluation, without DDP's hooks
-
-    # ---- optimiser and schedule. PyTorch's SGD keeps the velocity of g + wd*w and multiplies by lr when
-    # stepping; the paper's rule puts lr inside the velocity. They differ only for a few steps after an lr drop.
-    optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, fused=cuda)
+    # ---- model, optimiser and schedule
+    raw_model, train_model, model = build_model(cfg, num_classes, device, channels_last, distributed)
+    optimizer = make_optimizer(cfg, raw_model, fused=cuda)
     schedule = DropOnPlateau(optimizer, cfg.lr_patience, cfg.max_lr_drops)
     start_epoch, skip, step, carried, rows = 0, 0, 0, [0.0, 0.0, 0.0, 0.0], []
     if ckpt is not None:
@@ -250,9 +281,8 @@ def main(argv: list[str]) -> None:
         start_epoch, skip, step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
         carried = ckpt["epoch_sums"] if master else carried  # the sums of all ranks, counted once
         changed = sorted(k for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v and k != "resume")
-        if skip and ckpt["world_size"] != world_size:  # its batches were another split of the data: redo the epoch
-            changed.append(f"ranks {ckpt['world_size']} -> {world_size}, so epoch {start_epoch + 1} starts over")
-            skip, step, carried = 0, step - skip, [0.0, 0.0, 0.0, 0.0]
+        if ckpt["world_size"] != world_size:  # the global batches stay the same: the epoch simply continues
+            changed.append(f"ranks {ckpt['world_size']} -> {world_size}")
         if master:
             print(f"resuming from {ckpt_path}: epoch {start_epoch} done, +{skip} batches, step {step}"
                   + (f" (changed since: {', '.join(changed)})" if changed else ""), flush=True)
@@ -287,22 +317,18 @@ def main(argv: list[str]) -> None:
             dist.destroy_process_group()
         sys.exit(code)
 
+    # ---- training loader: a new global permutation every epoch (pipeline/order.py), the same global batches on
+    # any number of ranks; a resumed run starts at its next global step without reading the ones before
+    loader = train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=start_epoch, start_step=skip,
+                          steps_per_epoch=cfg.max_steps_per_epoch, lighting=cfg.lighting, **common)
+    steps = loader.order.steps_per_epoch
+
     # ---- loop
     if master:
         print(f"training on {world_size} x {device.type} ({per_rank} images per rank per step), "
               f"{num_classes} classes, epochs {start_epoch + 1}..{cfg.epochs}, lr {optimizer.param_groups[0]['lr']:g}")
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(derived_seed(cfg.seed, epoch, rank))  # dropout masks, like the data, fixed per epoch
-        if skip:  # a mid-epoch stop: continue the RNG from where it was
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if cuda and "cuda" in ckpt["rng"][rank]:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-        loader = epoch_loader(epoch)
-        # Ranks' shares differ by at most one sample, so len() may differ by one: all ranks take the shortest (DDP
-        # steps in lockstep), leaving out of this epoch the last sample of up to world_size-1 ranks, a different
-        # random one each epoch, when ceil(N / world_size) % per-rank batch == 1.
-        steps = int(all_sum([len(loader)], device, op=dist.ReduceOp.MIN)[0])
-        steps = min(steps, cfg.max_steps_per_epoch or steps)
+        seed_dropout(cfg.seed, epoch, skip, rank, world_size, ckpt if skip else None, device)
         train_model.train()
         epoch_sums = torch.tensor(carried, dtype=torch.float64, device=device)  # loss, correct, images, seconds
         interval = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
@@ -310,17 +336,9 @@ def main(argv: list[str]) -> None:
         seen = []
         bar = tqdm(total=steps, initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
                    leave=False, dynamic_ncols=True)
-        for i, (images, labels) in enumerate(loader):
-            if i >= steps:
-                break
-            if i < skip:  # done before the stop: read (so that the rest is the same) but not trained on
-                continue
-            with autocast:
-                logits = train_model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        for images, labels in loader:
+            done = loader.step  # steps of this epoch done, this one included
+            loss, logits = train_step(train_model, optimizer, images, labels, autocast)
             step += 1
             bar.update()
             # Running sums stay on the device: no .item() (nor a tensor made from a Python number, which is a
@@ -333,7 +351,7 @@ def main(argv: list[str]) -> None:
             interval[1] += n
             if cfg.log_labels:
                 seen += labels.tolist()
-            if step % cfg.log_interval == 0 or i + 1 == steps:
+            if step % cfg.log_interval == 0 or done == steps:
                 # The one sync point: loss, images and the stop flag summed over ranks in one all_reduce.
                 sums = all_sum([*interval.tolist(), float(bool(stop_signal))], device)
                 total_loss, total_images, stop = sums.tolist()
@@ -349,10 +367,10 @@ def main(argv: list[str]) -> None:
                 if not math.isfinite(loss_mean):
                     finish(1, f"diverged: loss is {loss_mean} at epoch {epoch + 1}, step {step}; the last good "
                               f"checkpoint is {ckpt_path} (try a lower --lr)")
-                if stop and i + 1 < steps:
-                    checkpoint(epoch, i + 1, epoch_sums)
+                if stop and done < steps:
+                    checkpoint(epoch, done, epoch_sums)
                     finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
-                              f"saved {ckpt_path} at epoch {epoch + 1}, batch {i + 1}/{steps}; rerun to resume")
+                              f"saved {ckpt_path} at epoch {epoch + 1}, batch {done}/{steps}; rerun to resume")
         bar.close()
         if cfg.log_labels:
             print(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}", flush=True)

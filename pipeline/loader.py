@@ -1,47 +1,111 @@
 """PyTorch-facing loaders: `for images, labels in loader:` and nothing else to know.
 
-A loader runs one DALI pipeline for one rank. It knows how many batches an epoch has (`len(loader)`), starts a
-new epoch each time it is iterated, and hides DALI's outputs, padding and resets:
+A loader runs one DALI pipeline for one rank; each `for` over it is one epoch, and `len(loader)` is the number
+of batches that `for` yields.
 
-- Each rank reads the samples [N*r//n, N*(r+1)//n) of the split (DALI's `shard_id`/`num_shards`), always the
-  same ones (`stick_to_shard`); training shuffles them anew every epoch through the reader's buffer.
-- Last batch: *partial*, never dropped and never padded. Every sample of the rank is yielded exactly once per
-  epoch, so across ranks every sample of the split is seen exactly once, in training as in evaluation.
-  `len(loader) == ceil(num_samples / batch_size)`; the last batch holds `num_samples - (len-1)*batch_size`
-  samples. DALI fills that batch up by repeating the rank's last sample; those copies are cut off here and
-  never reach the caller (the `.pos` of each sample is checked, too).
-- Rank shares differ by at most one sample, so with several ranks `len()` can differ by one between ranks
-  (only when ceil(N/n) % batch_size == 1). A DDP training loop that must step in lockstep wraps its epoch in
-  `model.join()` (torch.nn.parallel.DistributedDataParallel) for that case.
-- Breaking out of a loop and iterating again starts a new epoch: the rest of the old one is read and discarded.
+Training (`train_loader`, see order.py): every epoch a fresh permutation of the whole split, drawn from
+(seed, epoch); global step s takes the samples [s*B, (s+1)*B) of it (B = the global `batch_size`) and rank r of
+n takes its part [r*B/n, (r+1)*B/n), so the global batches are the same on any number of ranks. An epoch has
+N // B steps; the N % B samples left over at the end of each epoch's permutation (a different random set every
+epoch) are not used in that epoch. `train_loader(..., epoch=e, start_step=s)` starts directly at global step s of
+epoch e (nothing before it is read), which is how a stopped run resumes, on any number of ranks. Breaking out of
+a `for` and iterating again starts the next epoch at its first step (the pipeline is rebuilt there, about a
+second; the rest of the abandoned epoch is not read).
+
+Evaluation (`eval_loader`): every real sample of the rank's share [N*r//n, N*(r+1)//n) exactly once per epoch,
+in shard order. The last batch is partial, never padded: DALI fills it up by repeating the rank's last sample;
+those copies are cut off here and never reach the caller, so across ranks every sample is counted once.
+`len(loader) == ceil(num_samples / batch_size)`, which can differ by one between ranks.
+
+Every batch's `.pos` values are checked against the split, and batches are handed to torch without a copy
+(DLPack): with DALI's dynamic executor each output batch is a buffer of its own, so keeping a batch is safe.
 """
 import math
 
-import numpy as np
 import torch
 
 from pipeline import pipelines
-from runtime import available_cpus
 from pipeline.data import find_bad_sample, read_manifest, read_split, read_stats, rank_range
+from pipeline.order import GlobalOrder, TrainSource, read_table
+from runtime import available_cpus
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Loader:
-    """Iterable of `(images, labels)` for one rank; see the module docstring for the epoch contract."""
+    """What both loaders share: running the pipeline and handing its outputs to torch."""
 
-    def __init__(self, pipe, *, split, num_samples: int, batch_size: int, num_classes: int,
-                 device: torch.device, dtype: str, channels_last: bool, with_index: bool = False):
-        self.pipe = pipe
+    def __init__(self, *, split, batch_size: int, device: torch.device, dtype: str, channels_last: bool,
+                 with_index: bool):
         self.split = split  # data.Split: shard paths, for error messages
-        self.num_samples = num_samples  # real samples this rank yields per epoch
-        self.batch_size = batch_size
-        self.num_classes = num_classes
+        self.batch_size = batch_size  # samples per batch of this rank
         self.device = device
         self.dtype = dtype  # what the caller gets (bfloat16 is made from DALI's float32 on the device)
         self.channels_last = channels_last
         self.with_index = with_index
-        self.epoch = 0  # epochs started
+
+    def _run(self, pipe):
+        """One batch; on a GPU bound to torch's current stream, so that nothing waits on the host."""
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        try:
+            return pipe.run(stream)
+        except RuntimeError as e:
+            shards = self.split.tars
+            where = find_bad_sample(shards, self.split.indexes)
+            if where is None:
+                where = shards[0] if len(shards) == 1 else f"{shards[0]} ... {shards[-1]} ({len(shards)} shards)"
+            raise RuntimeError(f"reading split {self.split.name!r}: {where}: {e}") from e
+
+    def _batch(self, images, labels, index, keep):
+        index = torch.from_dlpack(index.as_tensor()).to(torch.int64)[:keep]
+        if not bool(((index >= 0) & (index < self.split.num_inputs)).all()):
+            raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside "
+                               f"0..{self.split.num_inputs - 1}: the shards' .pos members do not match the manifest")
+        with torch.device(self.device):
+            images, labels = torch.from_dlpack(images.as_tensor())[:keep], torch.from_dlpack(labels.as_tensor())[:keep]
+        if self.dtype == "bfloat16":
+            images = images.to(torch.bfloat16)
+        if self.channels_last:  # DALI wrote HWC: the NCHW view of it is channels-last in memory
+            images = images.movedim(-1, -3)
+        return (images, labels, index) if self.with_index else (images, labels)
+
+
+class TrainLoader(Loader):
+    """Training batches of one rank in the global order (module docstring); `epoch` and `step` say where the next
+    batch comes from."""
+
+    def __init__(self, make_pipe, order: GlobalOrder, *, epoch: int, step: int, **batch_options):
+        super().__init__(batch_size=order.per_rank, **batch_options)
+        self.make_pipe = make_pipe  # first global step (counted from epoch 0) -> an unbuilt pipeline
+        self.order = order
+        self.epoch, self.step = epoch, step
+        self._pipe = None
+        self._in_epoch = False  # a `for` is under way (or was abandoned)
+
+    def __len__(self) -> int:
+        return self.order.steps_per_epoch - self.step
+
+    def __iter__(self):
+        if self._in_epoch:  # the last `for` was left early: the pipeline is ahead of it, so start afresh
+            self.epoch, self.step, self._pipe = self.epoch + 1, 0, None
+        if self._pipe is None:
+            self._pipe = self.make_pipe(self.epoch * self.order.steps_per_epoch + self.step)
+            self._pipe.build()
+        self._in_epoch = True
+        while self.step < self.order.steps_per_epoch:
+            images, labels, index = self._run(self._pipe)
+            self.step += 1
+            yield self._batch(images, labels, index, self.batch_size)
+        self.epoch, self.step, self._in_epoch = self.epoch + 1, 0, False
+
+
+class EvalLoader(Loader):
+    """Every real sample of one rank's share of a split, once per epoch, in shard order (module docstring)."""
+
+    def __init__(self, pipe, *, num_samples: int, **batch_options):
+        super().__init__(**batch_options)
+        self.pipe = pipe
+        self.num_samples = num_samples  # real samples this rank yields per epoch
         self._left = 0  # batches of the current epoch not yet read from the pipeline
         self._built = False
 
@@ -50,13 +114,12 @@ class Loader:
 
     def __iter__(self):
         if not self._built:
-            self._run(self.pipe.build)
+            self.pipe.build()
             self._built = True
         self._drain()  # an abandoned epoch: read its rest so that this one starts on its first sample
-        self.epoch += 1
         self._left = self._reader_batches()
         for step in range(len(self)):
-            images, labels, index = self._run(self.pipe.run)
+            images, labels, index = self._run(self.pipe)
             self._left -= 1
             keep = min(self.batch_size, self.num_samples - step * self.batch_size)
             yield self._batch(images, labels, index, keep)
@@ -73,33 +136,7 @@ class Loader:
         """Read and drop the batches left in the current epoch (DALI's padding, or what a `break` left)."""
         while self._left:
             self._left -= 1
-            self._run(self.pipe.run)
-
-    def _run(self, call):
-        try:
-            return call()
-        except RuntimeError as e:
-            shards = self.split.tars
-            where = find_bad_sample(shards, self.split.indexes)
-            if where is None:
-                where = shards[0] if len(shards) == 1 else f"{shards[0]} ... {shards[-1]} ({len(shards)} shards)"
-            raise RuntimeError(f"reading split {self.split.name!r}: {where}: {e}") from e
-
-    def _batch(self, images, labels, index, keep):
-        index = torch.from_dlpack(index.as_tensor()).to(torch.int64)[:keep]
-        if not bool(((index >= 0) & (index < self.split.num_inputs)).all()):
-            raise RuntimeError(f"split {self.split.name!r}: sample positions {index.tolist()} outside "
-                               f"0..{self.split.num_inputs - 1}: the shards' .pos members do not match the manifest")
-        # Zero-copy: with DALI's dynamic executor each output batch is a buffer of its own that lives as long as
-        # the torch tensor viewing it (DLPack), so no copy is needed to hand it over safely. On a GPU, DLPack
-        # makes torch's current stream wait for DALI's.
-        with torch.device(self.device):
-            images, labels = torch.from_dlpack(images.as_tensor())[:keep], torch.from_dlpack(labels.as_tensor())[:keep]
-        if self.dtype == "bfloat16":
-            images = images.to(torch.bfloat16)
-        if self.channels_last:  # DALI wrote HWC: the NCHW view of it is channels-last in memory
-            images = images.movedim(-1, -3)
-        return (images, labels, index) if self.with_index else (images, labels)
+            self._run(self.pipe)
 
 
 def _device(device) -> torch.device:
@@ -121,18 +158,92 @@ def _dtype(dtype, device) -> str:
     return dtype
 
 
-def _seeds(seed: int, rank: int) -> tuple[int, int]:
-    """Independent (augmentation, shuffling) seeds per (seed, rank), so ranks do not draw the same crops."""
-    a, b = np.random.SeedSequence([seed, rank]).generate_state(2)
-    return int(a % 2**31), int(b % 2**31)
-
-
-def _make(kind, data, split, batch_size, *, device, rank, world_size, seed, dtype, channels_last, num_threads,
-          prefetch, mean, dont_use_mmap, read_ahead, with_index=False, **options):
+def _check(rank, world_size, mean):
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
     if mean not in ("pixel", "channel"):
         raise ValueError(f"mean {mean!r}: expected 'pixel' or 'channel'")
+
+
+def _pipeline_options(device, batch_size, num_threads, prefetch):
+    return dict(batch_size=batch_size, num_threads=num_threads or available_cpus(), prefetch_queue_depth=prefetch,
+                device_id=device.index if device.type == "cuda" else None, exec_dynamic=True)
+
+
+def default_reader_workers(device: torch.device) -> int:
+    """Processes reading training samples beside DALI. None on a CPU: there the source's ~13 us per sample in the
+    calling thread cost less than handing samples over from other processes. A few on a GPU, where the calling
+    thread also drives the training step and tens of thousands of samples per second are read."""
+    return 0 if device.type == "cpu" else 4
+
+
+def train_loader(data, batch_size: int, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start_step: int = 0, steps_per_epoch: int = 0, lighting: float = 0.1,
+                 mean: str = "pixel", dtype: str | None = None, channels_last: bool = False,
+                 num_threads: int | None = None, reader_workers: int | None = None, prefetch: int = 2,
+                 hw_decoder_load: float | None = None, split: str = "train", with_index: bool = False) -> TrainLoader:
+    """Augmented training batches of this rank: images [batch_size/world_size, 3, 224, 224], labels int64.
+
+    data: the DATA directory (docs/FORMAT.md). batch_size: the global batch, summed over the world_size ranks.
+    device: "cpu" or "cuda"/"cuda:N" (plain "cuda" = the current device, i.e. the local rank under DDP).
+    seed: the run's seed; the order and augmentation of epoch e are drawn from (seed, e).
+    epoch, start_step: where the first `for` starts (a resumed run); the following ones take the next epochs.
+    steps_per_epoch: stop every epoch after this many global steps (0: all N // batch_size).
+    lighting: sigma of the PCA lighting's alpha (0 turns it off). mean: "pixel" (the paper) or "channel".
+    dtype: "float32" | "float16" | "bfloat16" (default bfloat16 on a GPU; always float32 on the CPU).
+    channels_last: NCHW shape with channels-last memory. num_threads: DALI CPU threads (default: all this
+    process may use). reader_workers: processes that read samples (default: default_reader_workers).
+    prefetch: batches queued ahead. hw_decoder_load: share of a GPU batch for the hardware JPEG decoder.
+    with_index: also yield each sample's position in the split (int64 [B], on the CPU).
+    """
+    _check(rank, world_size, mean)
+    if lighting < 0:
+        raise ValueError(f"lighting {lighting}: sigma must be >= 0 (0 turns lighting off)")
+    device = _device(device)
+    dtype = _dtype(dtype, device)
+    manifest = read_manifest(data)
+    stats = read_stats(data, manifest)
+    shards = read_split(data, split, manifest)
+    table = read_table(shards.tars, shards.indexes)
+    if len(table) != shards.num_samples:
+        raise ValueError(f"split {split!r}: the shard indexes list {len(table)} samples, the manifest "
+                         f"{shards.num_samples}")
+    order = GlobalOrder(len(table), batch_size, world_size, rank, seed, float(lighting), steps_per_epoch)
+    if not 0 <= start_step < order.steps_per_epoch:
+        raise ValueError(f"start_step {start_step} outside 0..{order.steps_per_epoch - 1}")
+    workers = default_reader_workers(device) if reader_workers is None else reader_workers
+    gpu = device.type == "cuda"
+
+    def make_pipe(first_step: int):
+        source = TrainSource(order, table, first_step, eigval=stats.pca_eigval, eigvec=stats.pca_eigvec,
+                             rgb_mean=stats.rgb_mean if mean == "channel" else None)
+        # Worker processes are forked on a CPU; with CUDA already initialised in this process they must be spawned.
+        workers_options = dict(py_num_workers=workers, py_start_method="spawn" if gpu else "fork") if workers else {}
+        return pipelines.train(source, mean_image=stats.mean_image, mean=mean, parallel=workers > 0, gpu=gpu,
+                               dtype="float16" if dtype == "float16" else "float32", channels_last=channels_last,
+                               hw_decoder_load=hw_decoder_load, seed=0, **workers_options,
+                               **_pipeline_options(device, order.per_rank, num_threads, prefetch))
+
+    return TrainLoader(make_pipe, order, epoch=epoch, step=start_step, split=shards, device=device, dtype=dtype,
+                       channels_last=channels_last, with_index=with_index)
+
+
+def eval_loader(data, split: str = "val", crops: str = "center", batch_size: int = 128, *, device="cpu",
+                rank: int = 0, world_size: int = 1, mean: str = "pixel", dtype: str | None = None,
+                channels_last: bool = False, num_threads: int | None = None, prefetch: int = 2,
+                dont_use_mmap: bool = False, read_ahead: bool = False, hw_decoder_load: float | None = None,
+                with_index: bool = False) -> EvalLoader:
+    """Every real sample of this rank's share of `split` once per epoch, in shard order, never padding.
+
+    batch_size: images per batch of this rank. crops: "center" -> images [B,3,224,224]; "ten" -> [B,10,3,224,224]
+    in the order of `pipelines.TEN_CROP_ORDER`, then the same five reflected. dont_use_mmap / read_ahead: DALI
+    reader I/O options for network filesystems (Lustre, GPFS). with_index: also yield each sample's position in
+    the split (int64 [B], on the CPU), to map predictions back to files. Other arguments as in `train_loader`.
+    """
+    kinds = {"center": pipelines.center, "ten": pipelines.ten_crop}
+    if crops not in kinds:
+        raise ValueError(f"crops {crops!r}: expected 'center' or 'ten'")
+    _check(rank, world_size, mean)
     device = _device(device)
     dtype = _dtype(dtype, device)
     manifest = read_manifest(data)
@@ -141,62 +252,13 @@ def _make(kind, data, split, batch_size, *, device, rank, world_size, seed, dtyp
     begin, end = rank_range(shards.num_samples, rank, world_size)
     if end == begin:
         raise ValueError(f"split {split!r} has {shards.num_samples} samples: too few for {world_size} ranks")
-    pipe_seed, reader_seed = _seeds(seed, rank)
-    gpu = device.type == "cuda"
-    extra = {}
-    if kind is pipelines.train:
-        extra = dict(reader_seed=reader_seed, eigval=stats.pca_eigval, eigvec=stats.pca_eigvec)
-    pipe = kind(shards.tars, shards.indexes, shard_id=rank, num_shards=world_size, mean_image=stats.mean_image,
-                rgb_mean=stats.rgb_mean, mean=mean, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, gpu=gpu,
-                dtype="float16" if dtype == "float16" else "float32", channels_last=channels_last, **extra,
-                **options, batch_size=batch_size, num_threads=num_threads or available_cpus(),
-                device_id=device.index if gpu else None, seed=pipe_seed, prefetch_queue_depth=prefetch,
-                exec_dynamic=True)
-    return Loader(pipe, split=shards, num_samples=end - begin, batch_size=batch_size,
-                  num_classes=len(manifest["classes"]), device=device, dtype=dtype, channels_last=channels_last,
-                  with_index=with_index)
+    pipe = kinds[crops](shards.tars, shards.indexes, shard_id=rank, num_shards=world_size,
+                        mean_image=stats.mean_image, rgb_mean=stats.rgb_mean, mean=mean, dont_use_mmap=dont_use_mmap,
+                        read_ahead=read_ahead, gpu=device.type == "cuda", hw_decoder_load=hw_decoder_load,
+                        dtype="float16" if dtype == "float16" else "float32", channels_last=channels_last,
+                        seed=0, **_pipeline_options(device, batch_size, num_threads, prefetch))
+    return EvalLoader(pipe, num_samples=end - begin, split=shards, batch_size=batch_size, device=device, dtype=dtype,
+                      channels_last=channels_last, with_index=with_index)
 
 
-def train_loader(data, batch_size: int, *, device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0,
-                 lighting: float = 0.1, mean: str = "pixel", dtype: str | None = None, channels_last: bool = False,
-                 num_threads: int | None = None, shuffle_buffer: int = 4096, prefetch: int = 2,
-                 dont_use_mmap: bool = False, read_ahead: bool = False, split: str = "train",
-                 with_index: bool = False) -> Loader:
-    """Augmented training batches of this rank's share of `split`: images [B,3,224,224], labels int64 [B].
-
-    data: the DATA directory (docs/FORMAT.md); batch_size: images per step on this rank.
-    device: "cpu" or "cuda"/"cuda:N" (plain "cuda" = the current device, i.e. the local rank under DDP).
-    lighting: sigma of the PCA lighting's alpha (0 turns it off). mean: "pixel" (the paper) or "channel".
-    dtype: "float32" | "float16" | "bfloat16" (default bfloat16 on a GPU; always float32 on the CPU).
-    channels_last: NCHW shape with channels-last memory. num_threads: DALI CPU threads (default: all this
-    process may use). shuffle_buffer: samples in the reader's shuffle buffer. prefetch: batches queued ahead.
-    dont_use_mmap / read_ahead: DALI reader I/O options for network filesystems (Lustre, GPFS).
-    with_index: also yield each sample's position in the split (int64 [B], on the CPU).
-    """
-    if lighting < 0:
-        raise ValueError(f"lighting {lighting}: sigma must be >= 0 (0 turns lighting off)")
-    return _make(pipelines.train, data, split, batch_size, device=device, rank=rank, world_size=world_size,
-                 seed=seed, dtype=dtype, channels_last=channels_last, num_threads=num_threads, prefetch=prefetch,
-                 mean=mean, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, with_index=with_index,
-                 lighting=float(lighting), shuffle_buffer=shuffle_buffer)
-
-
-def eval_loader(data, split: str = "val", crops: str = "center", batch_size: int = 128, *, device="cpu",
-                rank: int = 0, world_size: int = 1, mean: str = "pixel", dtype: str | None = None,
-                channels_last: bool = False, num_threads: int | None = None, prefetch: int = 2,
-                dont_use_mmap: bool = False, read_ahead: bool = False, with_index: bool = False) -> Loader:
-    """Every real sample of this rank's share of `split` once per epoch, in shard order, never padding.
-
-    crops: "center" -> images [B,3,224,224]; "ten" -> [B,10,3,224,224] in the order of
-    `pipelines.TEN_CROP_ORDER`, then the same five reflected. with_index: also yield each sample's position in
-    the split (int64 [B], on the CPU), to map predictions back to files. Other arguments as in `train_loader`.
-    """
-    kinds = {"center": pipelines.center, "ten": pipelines.ten_crop}
-    if crops not in kinds:
-        raise ValueError(f"crops {crops!r}: expected 'center' or 'ten'")
-    return _make(kinds[crops], data, split, batch_size, device=device, rank=rank, world_size=world_size, seed=0,
-                 dtype=dtype, channels_last=channels_last, num_threads=num_threads, prefetch=prefetch, mean=mean,
-                 dont_use_mmap=dont_use_mmap, read_ahead=read_ahead, with_index=with_index)
-
-
-__all__ = ["Loader", "train_loader", "eval_loader"]
+__all__ = ["Loader", "TrainLoader", "EvalLoader", "train_loader", "eval_loader"]

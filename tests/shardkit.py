@@ -71,11 +71,12 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
     num_classes = num_classes or 1 + max(c for items in splits.values() for _, c in items)
     manifest = {"format": 2, "splits": {}, "rejected": [], "converted": [],
                 "classes": [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(num_classes)]}
+    given = mean_image is not None and eigval is not None and eigvec is not None
     decoded = {}
     for split, items in splits.items():
         shards = []
         jpegs = [jpeg_bytes(rgb) for rgb, _ in items]
-        decoded[split] = [decode(j) for j in jpegs]
+        decoded[split] = [] if given else [decode(j) for j in jpegs]
         for start in range(0, len(items), shard_size):
             file = f"{split}/{split}-{start // shard_size:06d}.tar"
             end = min(len(items), start + shard_size)
@@ -91,7 +92,8 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
         eigval, eigvec = pca_of(train)
     rgb_mean = np.asarray(mean_image, np.float64).reshape(-1, 3).mean(0)
     manifest["stats"] = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": np.asarray(eigval).tolist(),
-                         "pca_eigvec": np.asarray(eigvec).tolist(), "num_pixels": 256 * 256 * len(train)}
+                         "pca_eigvec": np.asarray(eigvec).tolist(),
+                         "num_pixels": 256 * 256 * len(splits.get("train") or next(iter(splits.values())))}
     manifest["params"] = {"size": 256, "quality": 90, "shard_size": shard_size}
     np.savez(root / "stats.npz", mean_image=np.asarray(mean_image, np.float64), rgb_mean=rgb_mean,
              pca_eigval=np.asarray(eigval, np.float64), pca_eigvec=np.asarray(eigvec, np.float64))
