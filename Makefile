@@ -7,6 +7,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 DALI_CUDA  ?= 130# 120 for clusters whose driver only supports CUDA 12
 WHEELHOUSE ?=# a folder from `make wheelhouse`: install from it with no index access
+PEERS      ?=# 1: also install the peers `make bench` compares with (FFCV; needs libturbojpeg0-dev libopencv-dev)
 
 SAMPLE_RAW  := data/sample-raw
 SAMPLE_DATA := data/sample
@@ -17,6 +18,7 @@ RUN        ?= $(if $(ON_SAMPLE),$(DEMO_RUN),runs/alexnet)
 CKPT       ?= $(RUN)/checkpoint.pt
 ARGS       ?=
 BENCH_DATA ?= data/bench
+REAL_IMAGES ?= ../shared/data/imagenet-sample
 
 PY      := $(VENV)/bin/python
 # With DATA left at the built-in sample, targets build it first and training uses the demo preset (the paper's
@@ -25,8 +27,9 @@ ON_SAMPLE := $(filter $(SAMPLE_DATA),$(DATA))
 SAMPLE_IF_DEFAULT := $(if $(ON_SAMPLE),$(SAMPLE_DATA)/manifest.json)
 DEMO_IF_DEFAULT   := $(if $(ON_SAMPLE),--preset=demo)
 CKPT_IF_DEFAULT   := $(if $(filter $(DEMO_RUN)/checkpoint.pt,$(CKPT)),$(DEMO_RUN)/checkpoint.pt)
-STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)
-EXTRAS  := .[cuda$(DALI_CUDA),dev]
+STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)$(if $(PEERS),-peers)
+COMMA   := ,
+EXTRAS  := .[cuda$(DALI_CUDA),dev$(if $(PEERS),$(COMMA)peers)]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
 .PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse clean
@@ -39,6 +42,7 @@ help:
 	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
 	@echo "make bench  DATA=<shard dir>"
 	@echo "make bench-data; make bench DATA=data/bench   # realistic: 1000 real images x20"
+	@echo "make setup PEERS=1                           # also FFCV, for make bench's peer rows"
 	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
 	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
@@ -87,11 +91,15 @@ $(DEMO_RUN)/checkpoint.pt: | $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(SAMPLE_DATA) --run=$(DEMO_RUN) --preset=demo
 
 bench: setup $(SAMPLE_IF_DEFAULT)
-	$(PY) bench.py --data=$(DATA) $(ARGS)
+	$(PY) -m bench --data=$(DATA) $(ARGS)
 
-# Realistic benchmark shards: the 1000 real ILSVRC2012 images (../shared/data, or ARGS=--raw=DIR), copied 20x.
+# Realistic benchmark shards: the 1000 real ILSVRC2012 images (REAL_IMAGES) as class folders of links, built by
+# `make shards`' own command, then copied 20 times.
 bench-data: setup
-	$(PY) bench.py --make_data=$(BENCH_DATA) --repeat=20 $(ARGS)
+	rm -rf $(BENCH_DATA) $(BENCH_DATA)-raw $(BENCH_DATA)-1x
+	$(PY) -m bench.folders --images=$(REAL_IMAGES) --out=$(BENCH_DATA)-raw
+	$(PY) -m shards build --raw=$(BENCH_DATA)-raw --out=$(BENCH_DATA)-1x
+	$(PY) -m shards replicate --data=$(BENCH_DATA)-1x --out=$(BENCH_DATA) --copies=20
 
 demo: setup $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(SAMPLE_DATA) --run=$(DEMO_RUN) --preset=demo $(ARGS)

@@ -136,6 +136,12 @@ def evaluate(model, loader, device, autocast) -> dict:
     return {"val_loss": loss / n, "val_top1_err": 1 - top1 / n, "val_top5_err": 1 - top5 / n, "val_samples": int(n)}
 
 
+def configure_cuda(cfg: Config) -> None:
+    """Backend settings for training on a GPU."""
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def build_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool, distributed: bool):
     """(the plain model, the model to train (DDP and/or compiled), the model to evaluate (compiled, no DDP))."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -245,8 +251,7 @@ def main(argv: list[str]) -> None:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     master = rank == 0
     if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        configure_cuda(cfg)
     bf16 = cuda and cfg.dtype == "bfloat16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     channels_last = cuda and cfg.channels_last

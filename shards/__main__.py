@@ -5,7 +5,7 @@
     python -m shards merge  --out=<DATA>                    # after `build --task_index=i --num_tasks=n` array tasks
     python -m shards verify --data=<DATA>                   # re-read every shard against the manifest
     python -m shards stage  --data=<DATA> --to=<local dir>  # copy shards to node-local disk, verified
-    python -m shards speed  --images=<folder of JPEGs>      # images/s per core against the plain Pillow way
+    python -m shards replicate --data=<DATA> --out=<dir> --copies=20   # benchmark data: every split copied
 
 Each command takes --help.
 """
@@ -15,7 +15,7 @@ import sys
 from config import UsageError, run_main
 
 COMMANDS = {"sample": "shards.sample", "build": "shards.build", "merge": "shards.build", "verify": "shards.verify",
-            "stage": "shards.stage", "speed": "shards.speed"}
+            "stage": "shards.stage", "replicate": "shards.replicate"}
 
 
 def main(argv: list[str]) -> None:

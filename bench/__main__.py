@@ -1,0 +1,239 @@
+"""How fast the commands users run are, next to the baselines and peers they would pick instead; one table + JSON.
+
+    python -m bench --data=DATA                                  # the default rows on this machine
+    python -m bench --data=DATA --what=pipeline,ffcv,alternative --seconds=20
+    python -m bench --data=DATA --device=cuda --what=pipeline --hw_decoder_load=0,0.5,0.75,1
+    python -m bench --data=DATA --what=breakdown                 # where the CPU pipeline's time goes
+    make bench-data && make bench DATA=data/bench                # realistic: the 1000 real images x20
+
+Every row is timed the same way (bench/harness.py): a warm-up, then `repeats` timed repeats of about
+`seconds / repeats` each; the median images/s counts and the lowest and highest are shown beside it. The rows:
+  preprocess, preprocess_naive  the whole `python -m shards build` against a naive all-core Pillow loop, each run
+                as its own command on the real JPEGs in `raw` (bench/preprocess.py)
+  limit, pipeline, pipeline_webdataset, dali_stock, ffcv, alternative, tencrop   data loading (bench/loaders.py)
+  model, end_to_end, model_compiled, end_to_end_compiled, eval_tencrop          the network (bench/training.py)
+  breakdown     the CPU pipeline cut down step by step (bench/breakdown.py)
+Figures on the built-in procedural sample are not representative (its images are tiny to decode): the
+benchmark says so and measures anyway.
+"""
+import dataclasses
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from bench import loaders, training
+from bench.breakdown import breakdown_works
+from bench.folders import REAL_IMAGES
+from bench.harness import hardware, measure, package_version
+from bench.preprocess import preprocess_works
+from config import UsageError, parse_config, run_main
+from pipeline import read_manifest
+from runtime import available_cpus, limit_threads
+
+ROWS = {  # row -> its label in the table
+    "preprocess": "preprocess: make shards (whole command, {cores} cores)",
+    "preprocess_naive": "preprocess: naive Pillow loop ({cores} processes)",
+    "limit": "limit: libjpeg-turbo decode only, {threads} processes",
+    "pipeline": "pipeline: train_loader ({device}, {threads} threads)",
+    "pipeline_webdataset": "pipeline over DALI's webdataset reader (previous)",
+    "dali_stock": "peer: DALI as in NVIDIA's examples (no PCA)",
+    "ffcv": "peer: FFCV {ffcv} ({threads} workers)",
+    "alternative": "peer: DataLoader+webdataset+Pillow ({threads} workers)",
+    "tencrop": "pipeline: ten-crop (1 image = 10 patches)",
+    "model": "model alone: train.py's step, synthetic batch",
+    "model_compiled": "model alone, --compile",
+    "end_to_end": "end to end: train.py's step fed by train_loader",
+    "end_to_end_compiled": "end to end, --compile",
+    "eval_tencrop": "eval.py ten-crop pass over the val split",
+}
+DEFAULT_ROWS = {
+    "cpu": "preprocess,limit,pipeline,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,end_to_end",
+    "cuda": "pipeline,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,model_compiled,end_to_end,"
+            "end_to_end_compiled,eval_tencrop",
+}
+RATIOS = (  # (key, numerator, denominator, what it says)
+    ("preprocess_vs_naive", "preprocess", "preprocess_naive", "make shards / naive Pillow loop (goal >= 0.9)"),
+    ("pipeline_vs_limit", "pipeline", "limit", "train pipeline / decode limit"),
+    ("pipeline_vs_webdataset", "pipeline", "pipeline_webdataset", "global order / previous reader (>= 0.9)"),
+    ("pipeline_vs_dali_stock", "pipeline", "dali_stock", "train pipeline / DALI's example pipeline"),
+    ("pipeline_vs_ffcv", "pipeline", "ffcv", "train pipeline / FFCV"),
+    ("pipeline_vs_alternative", "pipeline", "alternative", "train pipeline / DataLoader+webdataset"),
+    ("pipeline_vs_model", "pipeline", "model", "train pipeline / model alone (>1: data is not the limit)"),
+    ("end_to_end_vs_model", "end_to_end", "model", "end to end / model alone (1.0: the GPU never waits)"),
+    ("end_to_end_compiled_vs_model_compiled", "end_to_end_compiled", "model_compiled",
+     "end to end / model alone, compiled"),
+)
+SMALL_SPLIT = 5000  # samples: below this an epoch is over within seconds, so repeats see epoch restarts
+
+
+@dataclass
+class BenchConfig:
+    data: str = "data/sample"  # shard directory (docs/FORMAT.md)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
+    what: str = ""  # comma list of rows (see --help); empty: the default rows for the device
+    batch_size: int = 0  # images per batch; 0: 64 on the CPU, 256 on a GPU (ten-crop: at most 64)
+    seconds: float = 6.0  # timed seconds per row, split over the repeats (plus a warm-up)
+    repeats: int = 3  # timed repeats per row; the median counts
+    num_threads: int = 0  # DALI threads = decode processes = DataLoader/FFCV workers; 0: every usable core
+    hw_decoder_load: str = ""  # GPU: comma list of hardware-decoder shares, one pipeline row each (empty: default)
+    raw: str = str(REAL_IMAGES)  # flat folder of real full-size <wnid>_*.JPEG for the preprocess rows
+    work_dir: str = "bench-results/work"  # scratch: preprocess outputs, the FFCV dataset
+    out: str = ""  # JSON results; empty: bench-results/bench-<host>-<device>.json
+
+
+def is_procedural_sample(manifest: dict) -> bool:
+    """The built-in sample (`shards sample`): its ten WNIDs exactly."""
+    from shards.sample import CLASSES
+    return {c["wnid"] for c in manifest["classes"]} == {c.wnid for c in CLASSES}
+
+
+def data_notes(manifest: dict) -> list[str]:
+    notes = []
+    if is_procedural_sample(manifest):
+        notes.append("WARNING: the built-in procedural sample: its images are too easy to decode to be a fair "
+                     "benchmark. Use real shards (DATA=...) or `make bench-data` (the 1000 real images x20).")
+    train = manifest["splits"]["train"]["num_samples"]
+    if train < SMALL_SPLIT:
+        notes.append(f"note: only {train} training samples: epochs restart within each timed repeat")
+    if manifest.get("params", {}).get("replicated"):
+        notes.append(f"note: replicated data ({manifest['params']['replicated']} copies of the same images), "
+                     "for benchmarking only")
+    return notes
+
+
+def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, batch: int, threads: int):
+    """{row name: work} for one requested row, or a string saying why it is skipped."""
+    num_classes, data = len(manifest["classes"]), cfg.data
+    if key == "preprocess":
+        if not Path(cfg.raw).is_dir():
+            return f"skipped: no folder of full-size JPEGs at {cfg.raw} (set --raw=DIR)"
+        return preprocess_works(Path(cfg.raw), Path(cfg.work_dir))
+    if key == "limit":
+        return {key: loaders.limit(data, batch, threads)}
+    if key == "pipeline":
+        loads = [float(v) for v in cfg.hw_decoder_load.split(",") if v.strip()] if device.type == "cuda" else []
+        if not loads:
+            return {key: loaders.pipeline(data, batch, device, threads)}
+        return {f"pipeline[hw_decoder_load={v:g}]": loaders.pipeline(data, batch, device, threads, v) for v in loads}
+    if key in ("pipeline_webdataset", "dali_stock"):
+        return {key: loaders.dali_peer(key, data, batch, device, threads)}
+    if key == "ffcv":
+        if not loaders.ffcv_available():
+            return "skipped: not installed (make setup PEERS=1, see the README)"
+        beton = Path(cfg.work_dir) / f"ffcv-{Path(data).resolve().name}-train.beton"
+        return {key: loaders.ffcv(data, batch, device, threads, beton)}
+    if key == "alternative":
+        return {key: loaders.alternative(data, batch, device, threads)}
+    if key in ("tencrop", "eval_tencrop") and "val" not in manifest["splits"]:
+        return "skipped: the shards have no val split"
+    if key == "tencrop":
+        return {key: loaders.tencrop(data, min(batch, 64), device, threads)}  # 64 images = 640 patches
+    if key == "eval_tencrop":
+        return {key: training.eval_tencrop(data, num_classes, device, min(batch, 64), threads)}
+    if key in ("model", "model_compiled"):
+        return {key: training.model_alone(num_classes, device, batch, compiled=key.endswith("compiled"))}
+    if key in ("end_to_end", "end_to_end_compiled"):
+        return {key: training.end_to_end(data, num_classes, device, batch, threads, key.endswith("compiled"))}
+    if key == "breakdown":
+        if device.type == "cuda":
+            return "skipped: the breakdown is of the CPU pipeline (--device=cpu)"
+        return breakdown_works(data, batch, threads)
+    raise AssertionError(key)
+
+
+def label(key: str, fmt: dict) -> str:
+    base, _, variant = key.partition("[")
+    text = ROWS.get(base, key).format(**fmt)
+    return f"{text} [{variant}" if variant else text
+
+
+def table(results: dict, ratios: dict, fmt: dict) -> str:
+    head = (f"{'measurement':<58} {'images/s':>10} {'low-high':>15} {'per core':>9} {'host MiB':>9} "
+            f"{'GPU MiB':>15}")
+    lines = [head, "-" * len(head)]
+    for key, r in results.items():
+        if "skipped" in r:
+            lines.append(f"{label(key, fmt):<58} {r['skipped']}")
+            continue
+        gpu = f"{r['gpu_torch_peak_mib']:.0f}/{r['gpu_device_used_mib']:.0f}" if "gpu_torch_peak_mib" in r else "-"
+        per_core = f"{r['per_core']:.1f}" if "per_core" in r else ""
+        lines.append(f"{label(key, fmt):<58} {r['images_per_s']:>10.1f} {r['low']:>7.0f}-{r['high']:<7.0f} "
+                     f"{per_core:>9} {r.get('host_rss_peak_mib', 0):>9.0f} {gpu:>15}")
+    if ratios:
+        lines += ["", f"{'ratio (medians)':<58} {'x':>10}", "-" * 69]
+        lines += [f"{text:<58} {ratios[key]:>10.2f}" for key, _, _, text in RATIOS if key in ratios]
+    return "\n".join(lines)
+
+
+def main(argv):
+    cfg = parse_config(BenchConfig, argv, __doc__)
+    if cfg.seconds <= 0 or cfg.repeats < 1:
+        raise UsageError("--seconds must be positive and --repeats at least 1")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA GPU is available")
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    what = [w.strip() for w in (cfg.what or DEFAULT_ROWS[device.type]).split(",") if w.strip()]
+    unknown = [w for w in what if w not in ROWS and w != "breakdown"]
+    if unknown:
+        raise UsageError(f"--what: unknown {', '.join(unknown)} (choose from {', '.join([*ROWS, 'breakdown'])})")
+    what = list(dict.fromkeys("preprocess" if w == "preprocess_naive" else w for w in what))  # measured together
+    try:
+        manifest = read_manifest(cfg.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    batch = cfg.batch_size or (256 if cuda else 64)
+    threads = cfg.num_threads or available_cpus()
+    limit_threads(threads)
+    notes = data_notes(manifest)
+    for note in notes:
+        print(note, file=sys.stderr)
+    fmt = dict(threads=threads, cores=available_cpus(), device=device.type,
+               ffcv=package_version("ffcv") or "")
+    results = {}
+    for key in what:
+        print(f"measuring {key} ...", file=sys.stderr, flush=True)
+        works = row_works(key, cfg, manifest, device, batch, threads)
+        if isinstance(works, str):
+            results[key] = {"skipped": works}
+            print(f"  {works}", file=sys.stderr)
+            continue
+        rates = measure(works, seconds=cfg.seconds, repeats=cfg.repeats, device=device,
+                        warmup_units=1 if key == "eval_tencrop" else 2)
+        for name, rate in rates.items():
+            results[name] = rate.as_dict()
+            if name.startswith("preprocess"):
+                results[name]["per_core"] = rate.median / fmt["cores"]
+            print(f"  {name}: {rate.median:.1f} images/s ({rate.low:.1f}-{rate.high:.1f})", file=sys.stderr)
+    ratios = {key: results[num]["images_per_s"] / results[den]["images_per_s"] for key, num, den, _ in RATIOS
+              if "images_per_s" in results.get(num, {}) and "images_per_s" in results.get(den, {})}
+    record = {"config": dataclasses.asdict(cfg), "device": device.type, "batch_size": batch, "threads": threads,
+              "hardware": hardware(device), "load_average": os.getloadavg(), "notes": notes,
+              "data": {"path": str(Path(cfg.data).resolve()), "procedural_sample": is_procedural_sample(manifest),
+                       "train_samples": manifest["splits"]["train"]["num_samples"],
+                       "replicated": manifest.get("params", {}).get("replicated", 1)},
+              "results": results, "ratios": ratios, "labels": {k: label(k, fmt) for k in results}}
+    hw = record["hardware"]
+    gpu = f", {hw['gpu']['name']} (driver {hw['gpu']['driver']}, CUDA {hw['gpu']['cuda']})" if hw["gpu"] else ""
+    print(f"\n{hw['cpu']} ({hw['cpus_usable']} of {hw['cpu_count']} cores usable){gpu}; torch {torch.__version__}, "
+          f"DALI {hw['versions']['nvidia-dali-cuda130'] or hw['versions']['nvidia-dali-cuda120']}, Pillow "
+          f"{hw['versions']['pillow']}; batch {batch}, {threads} threads; median of {cfg.repeats} after warm-up; "
+          f"load average {record['load_average'][0]:.2f}")
+    print(f"data: {record['data']['path']} ({record['data']['train_samples']} train samples)")
+    print(table(results, ratios, fmt))
+    for note in notes:
+        print(note)
+    out = Path(cfg.out or f"bench-results/bench-{socket.gethostname()}-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

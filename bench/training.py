@@ -1,0 +1,67 @@
+"""The rows that run the network: train.py's own training step and eval.py's own ten-crop pass.
+
+  model           train.train_step (the paper's SGD from train.make_optimizer; bfloat16 autocast and channels-last
+                  on a GPU, as train.py runs them) on one synthetic batch already on the device
+  end_to_end      the same step fed by train_loader
+  *_compiled      the same with train.py's --compile
+  eval_tencrop    eval.py's evaluation of the whole val split with ten patches per image, the loader built and
+                  the model warmed up before the clock starts
+"""
+import eval as evaluation
+import torch
+
+import train
+from bench.harness import endless
+from bench.loaders import gpu_output
+from pipeline import eval_loader, train_loader
+
+
+def training_step(num_classes: int, device: torch.device, compiled: bool):
+    """train.py's model, optimiser and step for `device` with the paper's defaults: step(images, labels)."""
+    cuda = device.type == "cuda"
+    cfg = train.Config(compile=compiled)
+    train.configure_cuda(cfg)
+    _, model, _ = train.build_model(cfg, num_classes, device, channels_last=cuda, distributed=False)
+    optimizer = train.make_optimizer(cfg, model, fused=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    return lambda images, labels: train.train_step(model, optimizer, images, labels, autocast)
+
+
+def model_alone(num_classes, device, batch, compiled):
+    step = training_step(num_classes, device, compiled)
+    images = torch.randn(batch, 3, 224, 224, device=device)
+    if device.type == "cuda":
+        images = images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+
+    def work(n: int) -> int:
+        for _ in range(n):
+            step(images, labels)
+        return n * batch
+    return work
+
+
+def end_to_end(data, num_classes, device, batch, threads, compiled):
+    step = training_step(num_classes, device, compiled)
+    batches = endless(train_loader(data, batch, device=device, num_threads=threads, **gpu_output(device)))
+
+    def work(n: int) -> int:
+        for _ in range(n):
+            step(*next(batches))
+        return n * batch
+    return work
+
+
+def eval_tencrop(data, num_classes, device, batch, threads):
+    """Whole passes of eval.py's ten-crop evaluation over the val split; one unit = one pass."""
+    model = evaluation.AlexNet(num_classes=num_classes).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    loader = eval_loader(data, "val", "ten", batch, device=device, num_threads=threads, with_index=True,
+                         **gpu_output(device))
+
+    def work(n: int) -> int:
+        return sum(int(evaluation.evaluate(model, loader, device, dtype, keep_predictions=False)[1])
+                   for _ in range(n))
+    return work
