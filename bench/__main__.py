@@ -10,7 +10,8 @@ Every row is timed the same way (bench/harness.py): a warm-up, then `repeats` ti
 `seconds / repeats` each; the median images/s counts and the lowest and highest are shown beside it. The rows:
   preprocess, preprocess_naive  the whole `python -m shards build` against a naive all-core Pillow loop, each run
                 as its own command on the real JPEGs in `raw` (bench/preprocess.py)
-  limit, pipeline, pipeline_webdataset, dali_stock, ffcv, alternative, tencrop   data loading (bench/loaders.py)
+  limit, pipeline, source, pipeline_webdataset, dali_stock, ffcv, alternative, tencrop    data loading
+                (bench/loaders.py)
   model, end_to_end, model_compiled, end_to_end_compiled, eval_tencrop          the network (bench/training.py)
   breakdown     the CPU pipeline cut down step by step (bench/breakdown.py)
 Figures on the built-in procedural sample are not representative (its images are tiny to decode): the
@@ -41,6 +42,7 @@ ROWS = {  # row -> its label in the table
     "preprocess_naive": "preprocess: naive Pillow loop ({cores} processes)",
     "limit": "limit: libjpeg-turbo decode only, {threads} processes",
     "pipeline": "pipeline: train_loader ({device}, {threads} threads)",
+    "source": "pipeline's sample source alone, one process",
     "pipeline_webdataset": "pipeline over DALI's webdataset reader (previous)",
     "dali_stock": "peer: DALI as in NVIDIA's examples (no PCA)",
     "ffcv": "peer: FFCV {ffcv} ({threads} workers)",
@@ -54,7 +56,7 @@ ROWS = {  # row -> its label in the table
 }
 DEFAULT_ROWS = {
     "cpu": "preprocess,limit,pipeline,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,end_to_end",
-    "cuda": "pipeline,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,model_compiled,end_to_end,"
+    "cuda": "pipeline,source,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,model_compiled,end_to_end,"
             "end_to_end_compiled,eval_tencrop",
 }
 RATIOS = (  # (key, numerator, denominator, what it says)
@@ -82,6 +84,7 @@ class BenchConfig:
     repeats: int = 3  # timed repeats per row; the median counts
     num_threads: int = 0  # DALI threads = decode processes = DataLoader/FFCV workers; 0: every usable core
     hw_decoder_load: str = ""  # GPU: comma list of hardware-decoder shares, one pipeline row each (empty: default)
+    reader_workers: int = -1  # processes reading training samples (-1: train_loader's default for the device)
     raw: str = str(REAL_IMAGES)  # flat folder of real full-size <wnid>_*.JPEG for the preprocess rows
     work_dir: str = "bench-results/work"  # scratch: preprocess outputs, the FFCV dataset
     out: str = ""  # JSON results; empty: bench-results/bench-<host>-<device>.json
@@ -118,9 +121,13 @@ def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, 
         return {key: loaders.limit(data, batch, threads)}
     if key == "pipeline":
         loads = [float(v) for v in cfg.hw_decoder_load.split(",") if v.strip()] if device.type == "cuda" else []
+        workers = None if cfg.reader_workers < 0 else cfg.reader_workers
         if not loads:
-            return {key: loaders.pipeline(data, batch, device, threads)}
-        return {f"pipeline[hw_decoder_load={v:g}]": loaders.pipeline(data, batch, device, threads, v) for v in loads}
+            return {key: loaders.pipeline(data, batch, device, threads, reader_workers=workers)}
+        return {f"pipeline[hw_decoder_load={v:g}]": loaders.pipeline(data, batch, device, threads, v, workers)
+                for v in loads}
+    if key == "source":
+        return {key: loaders.source(data, batch)}
     if key in ("pipeline_webdataset", "dali_stock"):
         return {key: loaders.dali_peer(key, data, batch, device, threads)}
     if key == "ffcv":
@@ -154,8 +161,8 @@ def label(key: str, fmt: dict) -> str:
 
 
 def table(results: dict, ratios: dict, fmt: dict) -> str:
-    head = (f"{'measurement':<58} {'images/s':>10} {'low-high':>15} {'per core':>9} {'host MiB':>9} "
-            f"{'GPU MiB':>15}")
+    head = (f"{'measurement':<58} {'images/s':>10} {'low-high':>15} {'per core':>9} {'caller ms':>9} "
+            f"{'host MiB':>9} {'GPU MiB':>15}")
     lines = [head, "-" * len(head)]
     for key, r in results.items():
         if "skipped" in r:
@@ -164,7 +171,8 @@ def table(results: dict, ratios: dict, fmt: dict) -> str:
         gpu = f"{r['gpu_torch_peak_mib']:.0f}/{r['gpu_device_used_mib']:.0f}" if "gpu_torch_peak_mib" in r else "-"
         per_core = f"{r['per_core']:.1f}" if "per_core" in r else ""
         lines.append(f"{label(key, fmt):<58} {r['images_per_s']:>10.1f} {r['low']:>7.0f}-{r['high']:<7.0f} "
-                     f"{per_core:>9} {r.get('host_rss_peak_mib', 0):>9.0f} {gpu:>15}")
+                     f"{per_core:>9} {r['caller_ms_per_image']:>9.3f} {r.get('host_rss_peak_mib', 0):>9.0f} "
+                     f"{gpu:>15}")
     if ratios:
         lines += ["", f"{'ratio (medians)':<58} {'x':>10}", "-" * 69]
         lines += [f"{text:<58} {ratios[key]:>10.2f}" for key, _, _, text in RATIOS if key in ratios]

@@ -6,7 +6,8 @@ time (at least two units: pipelines fill their queues, workers start, cuDNN pick
 the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed repeats, the works
 interleaved repeat by repeat so that a change in the machine's load hits them alike. A repeat is timed on the host
 clock after the device has finished its queued work (torch.cuda.synchronize), so GPU work still queued is
-inside it. The figure is the median images/s over the repeats, shown with the lowest and highest.
+inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside it,
+the CPU time the calling thread spent per image: on a GPU that thread also drives the training step.
 """
 import contextlib
 import os
@@ -36,11 +37,13 @@ class Rate:
     high: float
     repeats: int
     units_per_repeat: int
+    caller_ms_per_image: float  # CPU time of the calling thread per image (median over the repeats)
     memory: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"images_per_s": self.median, "low": self.low, "high": self.high, "repeats": self.repeats,
-                "units_per_repeat": self.units_per_repeat, **self.memory}
+                "units_per_repeat": self.units_per_repeat, "caller_ms_per_image": self.caller_ms_per_image,
+                **self.memory}
 
 
 def sync(device: torch.device) -> None:
@@ -64,17 +67,19 @@ def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("c
             elapsed += time.perf_counter() - start
             done += 1
         units[name] = max(1, round(span / (elapsed / done)))
-    rates, memory = {name: [] for name in works}, {name: {} for name in works}
+    rates, caller = {name: [] for name in works}, {name: [] for name in works}
+    memory = {name: {} for name in works}
     for _ in range(repeats):
         for name, work in works.items():
             with track_peak(memory[name], device):
                 sync(device)
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.thread_time()
                 images = work(units[name])
                 sync(device)
                 rates[name].append(images / (time.perf_counter() - start))
-    return {name: Rate(statistics.median(r), min(r), max(r), repeats, units[name], memory[name])
-            for name, r in rates.items()}
+                caller[name].append(1000 * (time.thread_time() - start_cpu) / images)
+    return {name: Rate(statistics.median(r), min(r), max(r), repeats, units[name], statistics.median(caller[name]),
+                       memory[name]) for name, r in rates.items()}
 
 
 def endless(loader):

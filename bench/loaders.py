@@ -11,10 +11,13 @@ of the 256x256 shard images, reflected with p=0.5), as tensors on `device`.
                        same 256x256 images (JPEG, quality 90)
   alternative          torch DataLoader + the webdataset library + Pillow crop/flip/per-pixel mean (no lighting)
   tencrop              eval_loader(crops="ten"): one image = ten 224x224 patches
+  source               the training pipeline's sample source (order.TrainSource) alone in this process: the
+                       samples per second one reader worker hands DALI (order, reads, augmentation draws)
   limit                libjpeg-turbo (Pillow) decoding the shard JPEGs to RGB in `threads` processes, nothing else:
                        the ceiling for anything that decodes every pixel on the CPU (a window decode may exceed it)
 """
 import io
+import itertools
 import multiprocessing
 import tarfile
 
@@ -25,6 +28,7 @@ from nvidia.dali import fn, pipeline_def, types
 from bench.harness import batches_work, endless
 from pipeline import eval_loader, pipelines, train_loader
 from pipeline.data import CROP, SIZE, read_split, read_stats
+from pipeline.order import GlobalOrder, TrainSource, read_table
 from runtime import limit_threads
 
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]  # what NVIDIA's and FFCV's examples normalise with
@@ -36,10 +40,24 @@ def gpu_output(device: torch.device) -> dict:
     return dict(dtype="bfloat16", channels_last=True) if device.type == "cuda" else {}
 
 
-def pipeline(data, batch, device, threads, hw_decoder_load=None):
+def pipeline(data, batch, device, threads, hw_decoder_load=None, reader_workers=None):
     loader = train_loader(data, batch, device=device, num_threads=threads, hw_decoder_load=hw_decoder_load,
-                          **gpu_output(device))
+                          reader_workers=reader_workers, **gpu_output(device))
     return batches_work(endless(loader))
+
+
+def source(data, batch):
+    split, stats = read_split(data, "train"), read_stats(data)
+    table = read_table(split.tars, split.indexes)
+    train_source = TrainSource(GlobalOrder(len(table), batch, 1, 0, 0, 0.1), table, 0, eigval=stats.pca_eigval,
+                               eigvec=stats.pca_eigvec, rgb_mean=None)
+    iterations = itertools.count()
+
+    def work(n: int) -> int:
+        for _ in range(n):
+            train_source(types.BatchInfo(next(iterations), 0))
+        return n * batch
+    return work
 
 
 def tencrop(data, batch, device, threads):

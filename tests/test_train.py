@@ -226,3 +226,54 @@ def test_compiled_training_writes_a_plain_checkpoint(data, tmp_path):
                        "--batch_size=4", "--log_interval=1", "--num_threads=1", "--device=cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     AlexNet(num_classes=4).load_state_dict(weights(run))  # no `_orig_mod.` prefixes: eval.py can load it
+
+
+def launch(ranks: int, data, run, *args, wait=True):
+    """train.py on `ranks` CPU processes (torchrun for more than one), 4 steps of 4 images, no dropout."""
+    if ranks == 1:
+        command = [sys.executable, "train.py", f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1",
+                   "--num_threads=1", "--device=cpu", "--log_interval=1", "--max_steps_per_epoch=4", "--dropout=0",
+                   *args]
+        env = {**os.environ}
+    else:
+        return torchrun_train(data, run, "--dropout=0", *args, wait=wait)
+    if wait:
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_after_first_step(process, run, ranks: int):
+    deadline = time.time() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    if ranks == 1:
+        process.send_signal(signal.SIGUSR1)
+    else:
+        os.kill(int(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
+                    .stdout.split()[0]), signal.SIGUSR1)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "preempted:" in out, out + err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_continues_the_same_batches(data, tmp_path, before, after):
+    """Stopped mid-epoch on `before` ranks and resumed on `after`: the run continues at its next global step with
+    the same global batches, so the weights equal an uninterrupted run's up to float32 rounding: with two ranks DDP
+    averages the two halves' gradients, one rank averages over the whole batch; the same sum in another order."""
+    reference = tmp_path / "reference"
+    assert launch(before, data, reference).returncode == 0
+    run = tmp_path / "run"
+    stop_after_first_step(launch(before, data, run, wait=False), run, before)
+    done = torch.load(run / "checkpoint.pt", map_location="cpu")["batches_done"]
+    assert 0 < done < 4
+    resumed = launch(after, data, run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"ranks {before} -> {after}" in resumed.stdout and f"+{done} batches" in resumed.stdout
+    assert [r["step"] for r in metrics(run) if "epoch" not in r] == [1, 2, 3, 4]
+    ours, theirs = weights(run), weights(reference)
+    for key in theirs:
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6), key
+    (expected,), (got,) = ([r for r in metrics(x) if "epoch" in r] for x in (reference, run))
+    assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-4)
