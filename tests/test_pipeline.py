@@ -275,17 +275,42 @@ def test_read_manifest_and_argument_errors(textured_data, tmp_path):
         eval_loader(textured_data, split="test")
 
 
+def assert_decoders_agree(cpu: torch.Tensor, gpu: torch.Tensor, what: str) -> None:
+    """libjpeg-turbo (CPU) and nvJPEG (GPU) decode the same JPEG to pixels that differ by rounding, no more."""
+    err = (cpu - gpu.cpu().float()).abs()
+    print(f"{what}: mean |CPU - GPU| {err.mean():.4f}, max {err.max():.2f}, "
+          f"share of values off by more than 1: {(err > 1).float().mean():.5f}")
+    assert err.mean() < 0.5 and err.max() <= 4
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])
 @pytest.mark.parametrize("crops", ["center", "ten"])
-def test_gpu_matches_cpu(textured_data, crops):
+def test_gpu_matches_cpu(textured_data, crops, hw_decoder_load):
     cpu = eval_loader(textured_data, "val", crops, batch_size=4, num_threads=2, with_index=True)
     gpu = eval_loader(textured_data, "val", crops, batch_size=4, device="cuda", dtype="float32", num_threads=2,
-                      with_index=True)
-    for (a, ya, ia), (b, yb, ib) in zip(cpu, gpu):
+                      hw_decoder_load=hw_decoder_load, with_index=True)
+    pairs = list(zip(cpu, gpu))
+    assert len(pairs) == len(cpu)
+    for (_, ya, ia), (b, yb, ib) in pairs:
         assert b.device.type == "cuda" and yb.device.type == "cuda" and yb.dtype == torch.int64
         assert torch.equal(ia, ib) and torch.equal(ya, yb.cpu())
-        err = (a - b.cpu()).abs()
-        assert err.mean() < 0.5 and err.max() <= 4
+    assert_decoders_agree(torch.cat([a for (a, _, _), _ in pairs]), torch.cat([b for _, (b, _, _) in pairs]),
+                          f"{crops}, hw_decoder_load={hw_decoder_load}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])
+def test_gpu_train_batches_match_the_cpu_ones(textured_data, hw_decoder_load):
+    """The augmentation is drawn in numpy from (seed, epoch, step): the GPU pipeline must apply the same crops,
+    reflections and lighting to the same samples as the CPU pipeline."""
+    cpu = train_loader(textured_data, 8, num_threads=2, seed=7, with_index=True)
+    gpu = train_loader(textured_data, 8, device="cuda", dtype="float32", num_threads=2, seed=7,
+                       hw_decoder_load=hw_decoder_load, with_index=True)
+    pairs = [((a, ia), (b, ib)) for _ in range(2) for (a, _, ia), (b, _, ib) in zip(cpu, gpu)]
+    assert all(torch.equal(ia, ib) for (_, ia), (_, ib) in pairs)
+    assert_decoders_agree(torch.cat([a for (a, _), _ in pairs]), torch.cat([b for _, (b, _) in pairs]),
+                          f"train, hw_decoder_load={hw_decoder_load}")
 
 
 @pytest.mark.gpu
