@@ -95,8 +95,8 @@ def same_bytes(a: Path, b: Path) -> bool:
 
 def is_staged(entry: dict, data: Path, to: Path) -> bool:
     dst = to / entry["file"]
-    return dst.is_file() and dst.stat().st_size == (data / entry["file"]).stat().st_size and \
-        verify_shard(dst, entry) is None
+    same_size = dst.is_file() and dst.stat().st_size == (data / entry["file"]).stat().st_size
+    return same_size and verify_shard(dst, entry) is None
 
 
 def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
@@ -128,7 +128,8 @@ def check_same_shard_set(data: Path, to: Path) -> None:
     staged = to / MANIFEST
     if staged.is_file() and not same_bytes(data / MANIFEST, staged):
         raise UsageError(f"{to} holds another shard set (its {MANIFEST} differs from {data}'s), perhaps in use by "
-                         "a running job: stage to another directory (STAGE_TO=job: one per job), or delete it first")
+                         "a running job: stage to another directory (one per job: STAGE_TO=job in slurm/), or delete "
+                         "it first")
 
 
 def check_space(entries: list[dict], data: Path, to: Path) -> None:

@@ -4,10 +4,10 @@
 
 slurm/launch_node.sh runs it on every node; the arguments are torchrun's. Two things about torchrun itself:
   - On SIGTERM it passes the signal to its workers and SIGKILLs them 30 s later (a fixed delay in torch 2.11;
-    `--shutdown-timeout` in 2.13), and SIGUSR1 ends it. Slurm delivers both signals to every process of a job step, so
-    here torchrun ignores them (`--signals_to_handle` without SIGTERM, SIGUSR1 and SIGTERM set to SIG_IGN); the
-    workers, which get them from Slurm and from launch_node.sh, stop in their own time: a checkpoint of AlexNet
-    takes seconds, Slurm's grace time is the only limit.
+    `--shutdown-timeout` in 2.13), and SIGUSR1 ends it. Slurm delivers both signals to every process of a job
+    step, so here torchrun ignores them (`--signals_to_handle` without SIGTERM; SIGTERM and SIGUSR1 set to
+    SIG_IGN). The workers, which get them from Slurm and from launch_node.sh, stop in their own time: AlexNet's
+    checkpoint takes seconds to write, and Slurm's grace time is the only limit.
   - A worker's non-zero exit status becomes torchrun's status 1. train.py exits 75 when it stopped early with its
     checkpoint saved (every rank waits for rank 0's save before exiting), so one worker's 75 is passed on as 75:
     the job script requeues on it and on nothing else.
