@@ -9,7 +9,8 @@
 # starts each worker in a session of its own). Exit status: torchrun's, with 75 for "stopped early".
 set -euo pipefail
 
-python "$(dirname -- "$0")/torchrun_status.py" "$@" &
+# Both signals ignored from the start: Python takes seconds to start and import torch, and either would end it.
+(trap '' USR1 TERM; exec python "$(dirname -- "$0")/torchrun_status.py" "$@") &
 agent=$!
 trap 'pkill -USR1 -P "$agent" || true' USR1
 trap 'pkill -TERM -P "$agent" || true' TERM

@@ -30,8 +30,10 @@ def main(argv: list[str]) -> None:
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         sys.exit("error: no torchrun on PATH (is the virtual environment's bin/ on PATH?)")
+    # Ignored already where launch_node.sh starts this process, and here for use without it. The workers inherit
+    # SIG_IGN until train.py installs its own handlers.
     for stop in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(stop, signal.SIG_IGN)  # inherited by the workers until train.py installs its own handler
+        signal.signal(stop, signal.SIG_IGN)
     sys.argv = [torchrun, f"--signals_to_handle={HANDLED_SIGNALS}", *argv]
     try:
         runpy.run_path(torchrun, run_name="__main__")
