@@ -17,7 +17,8 @@ faster, not different. To use the extra GPUs for larger batches instead, raise b
 
 SIGTERM or SIGUSR1 (Slurm's warning before the time limit) to any rank: at the next log interval all ranks
 agree to stop, rank 0 writes RUN/checkpoint.pt with the batches done in the current epoch, prints a line
-starting `preempted:` and every rank exits with status 0. The rerun starts directly at the next global step
+starting `preempted:` and every rank exits with status 75 (EX_TEMPFAIL: stopped early, rerun to resume; status 0
+means finished, also when a signal came after the last check). The rerun starts directly at the next global step
 (nothing before it is read again), also on another number of GPUs: every epoch is a fresh permutation of the
 training set drawn from (seed, epoch), and global step s is the same batch on any number of ranks
 (pipeline/order.py). On the same number of ranks the run equals one that was never stopped, bit for bit on the
@@ -81,6 +82,8 @@ class Config:
 # No dropout: it halves the useful signal per step, and a few hundred steps leave no time to overfit anyway.
 # lr_patience=3: 100 validation images give noisy errors, which must not end the run's learning early.
 DEMO = dict(epochs=4, batch_size=16, lr=0.001, dropout=0.0, lr_patience=3, log_interval=5, num_threads=2)
+
+EXIT_STOPPED_EARLY = 75  # exit status after a stop signal: checkpoint saved, not finished (EX_TEMPFAIL of sysexits.h)
 
 
 def derived_seed(*keys: int) -> int:
@@ -317,8 +320,9 @@ def main(argv: list[str]) -> None:
 
     def finish(code: int, message: str = "") -> None:
         if message and master:
-            print(message, file=sys.stderr if code else sys.stdout, flush=True)
+            print(message, file=sys.stdout if code in (0, EXIT_STOPPED_EARLY) else sys.stderr, flush=True)
         if distributed:
+            dist.barrier()  # torchrun stops every rank once one exits non-zero: none leaves before rank 0 has saved
             dist.destroy_process_group()
         sys.exit(code)
 
@@ -374,8 +378,9 @@ def main(argv: list[str]) -> None:
                               f"checkpoint is {ckpt_path} (try a lower --lr)")
                 if stop and done < steps:
                     checkpoint(epoch, done, epoch_sums)
-                    finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
-                              f"saved {ckpt_path} at epoch {epoch + 1}, batch {done}/{steps}; rerun to resume")
+                    finish(EXIT_STOPPED_EARLY, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
+                                               f"saved {ckpt_path} at epoch {epoch + 1}, batch {done}/{steps}; "
+                                               "rerun to resume")
         bar.close()
         if cfg.log_labels:
             print(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}", flush=True)
@@ -398,8 +403,8 @@ def main(argv: list[str]) -> None:
             finish(1, f"diverged: mean train loss of epoch {epoch + 1} is {row['train_loss']}")
         checkpoint(epoch + 1, 0, torch.zeros(4, dtype=torch.float64))
         if epoch + 1 < cfg.epochs and all_sum([float(bool(stop_signal))], device)[0] > 0:
-            finish(0, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; saved {ckpt_path} "
-                      f"after epoch {epoch + 1}; rerun to resume")
+            finish(EXIT_STOPPED_EARLY, f"preempted: {', '.join(stop_signal) or 'another rank was signalled'}; "
+                                       f"saved {ckpt_path} after epoch {epoch + 1}; rerun to resume")
 
     # ---- final evaluation: the last epoch's, or the checkpoint's when a finished run is rerun
     if start_epoch >= cfg.epochs:

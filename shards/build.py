@@ -282,7 +282,7 @@ def build(cfg: BuildConfig) -> dict | None:
     limit_threads(1)  # the main process writes tars beside the workers; with one worker it converts too
     out = Path(cfg.out)
     start = time.perf_counter()
-    source = layouts.detect(cfg.raw, workers)
+    source = layouts.detect(cfg.raw, workers, cache=out / BUILD_DIR)
     plan, shards = make_plan(source, cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_plan(out, plan)

@@ -3,9 +3,13 @@
     python -m shards stage --data=/scratch/$USER/imagenet-shards --to=/tmp/$USER/imagenet-shards
 
 Copies every shard of the manifest (`.tar` and `.idx`), then `stats.npz`, then `manifest.json` last: a destination
-with a manifest is complete. Each copied shard is checked against the manifest's sha256 before staging succeeds.
-A shard already at the destination that passes the same check is not copied again, so a requeued job that lands on
-the same node stages in the time it takes to read the local copies once.
+with a manifest is complete. Each shard is copied under a temporary name, checked against the manifest's sha256,
+and only then renamed into place. A shard already at the destination that passes the same check is not copied
+again, so a requeued job that lands on the same node stages in the time it takes to read the local copies once.
+
+Another job may be training from the destination while this one stages into it: nothing a reader may have open is
+deleted or rewritten in place (files are replaced by rename, the manifest too), and a destination whose manifest
+differs from DATA's (another shard set, perhaps in use) is refused rather than overwritten.
 """
 import json
 import os
@@ -69,15 +73,18 @@ def shard_bytes(entry: dict, data: Path) -> int:
     return size
 
 
-def copy_atomically(src: Path, dst: Path) -> None:
-    """Copy to a temporary name and rename, so that an interrupted copy never looks like a finished one."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{socket.gethostname()}-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+def partial_dir(to: Path) -> Path:
+    """This process's directory for copies in progress, inside `to` so that a rename moves them into place."""
+    return to / f".partial-{socket.gethostname()}-{os.getpid()}"
+
+
+def copy_atomically(src: Path, to: Path) -> None:
+    """Copy `src` into `to` under a temporary name and rename it: an interrupted copy never looks like a finished one,
+    and a reader that has the old file open keeps reading the old file."""
+    tmp = partial_dir(to) / src.name
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, to / src.name)
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -86,24 +93,43 @@ def same_bytes(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
+def is_staged(entry: dict, data: Path, to: Path) -> bool:
+    dst = to / entry["file"]
+    same_size = dst.is_file() and dst.stat().st_size == (data / entry["file"]).stat().st_size
+    return same_size and verify_shard(dst, entry) is None
+
+
 def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
-    """Bring one shard and its index to `to`; returns (bytes, whether anything was copied)."""
+    """Bring one shard and its index to `to`; returns (bytes, whether they were copied).
+
+    Both are copied side by side into this process's partial directory and checked there (verify_shard reads the
+    index next to the tar); only a verified pair is renamed into place. stage_main removes what an error leaves.
+    """
+    if is_staged(entry, data, to):
+        return shard_bytes(entry, data), False
     tar = Path(entry["file"])
     idx = tar.with_suffix(".idx")
-    copied = False
-    if not same_bytes(data / idx, to / idx):  # first: verify_shard checks the index against the tar
-        copy_atomically(data / idx, to / idx)
-        copied = True
-    dst = to / tar
-    if not (dst.is_file() and dst.stat().st_size == (data / tar).stat().st_size and verify_shard(dst, entry) is None):
-        copy_atomically(data / tar, dst)
-        copied = True
-        problem = verify_shard(dst, entry)
-        if problem is not None:
-            dst.unlink(missing_ok=True)
-            raise UsageError(f"the copy in {to} fails verification: {problem} (check the source with "
-                             f"`python -m shards verify --data={data}`)")
-    return shard_bytes(entry, data), copied
+    tmp = partial_dir(to)
+    (tmp / tar).parent.mkdir(parents=True, exist_ok=True)
+    (to / tar).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data / idx, tmp / idx)
+    shutil.copyfile(data / tar, tmp / tar)
+    problem = verify_shard(tmp / tar, entry)
+    if problem is not None:
+        raise UsageError(f"the copy in {to} fails verification: {problem} (check the source with "
+                         f"`python -m shards verify --data={data}`)")
+    os.replace(tmp / idx, to / idx)
+    os.replace(tmp / tar, to / tar)
+    return shard_bytes(entry, data), True
+
+
+def check_same_shard_set(data: Path, to: Path) -> None:
+    """A manifest at `to` must be DATA's own: any other describes shards that a job may be reading."""
+    staged = to / MANIFEST
+    if staged.is_file() and not same_bytes(data / MANIFEST, staged):
+        raise UsageError(f"{to} holds another shard set (its {MANIFEST} differs from {data}'s), perhaps in use by "
+                         "a running job: stage to another directory (one per job: STAGE_TO=job in slurm/), or delete "
+                         "it first")
 
 
 def check_space(entries: list[dict], data: Path, to: Path) -> None:
@@ -127,7 +153,7 @@ def stage_main(argv: list[str]) -> None:
     if to.resolve() == data.resolve():
         raise UsageError(f"--to={cfg.to} is the shard directory itself")
     entries = shard_entries(manifest, cfg.splits)
-    (to / MANIFEST).unlink(missing_ok=True)  # incomplete until every shard is in place again
+    check_same_shard_set(data, to)
     check_space(entries, data, to)
 
     start = time.perf_counter()
@@ -140,11 +166,12 @@ def stage_main(argv: list[str]) -> None:
                 copied_files += copied
                 copied_bytes += size if copied else 0
                 bar.update(size)
+        if not same_bytes(data / STATS, to / STATS):
+            copy_atomically(data / STATS, to)
+        copy_atomically(data / MANIFEST, to)  # last: a destination with a manifest is complete
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, report it now rather than after copying the rest
-    if not same_bytes(data / STATS, to / STATS):
-        copy_atomically(data / STATS, to / STATS)
-    copy_atomically(data / MANIFEST, to / MANIFEST)
+        shutil.rmtree(partial_dir(to), ignore_errors=True)
     seconds = time.perf_counter() - start
     print(f"staged {len(entries)} shards ({total / GB:.2f} GB) to {to} in {seconds:.0f} s: "
           f"{copied_files} copied ({copied_bytes / GB / max(seconds, 1e-9):.2f} GB/s), "

@@ -2,7 +2,9 @@
 # Sourced by the job scripts in slurm/: strict mode, the site's own setup, the project's virtual environment.
 # Environment (all optional):
 #   PROJECT     the checkout (default: the directory sbatch was run from)
-#   SITE_SETUP  a bash script sourced first, for what differs between clusters: `module load python/3.11 cuda`, ...
+#   SITE_SETUP  a bash script sourced first, for what differs between clusters: `module load python/3.11`, ...
+#               (no CUDA, cuDNN or NCCL module: the wheels bring those libraries, and a module's LD_LIBRARY_PATH
+#               would put other versions in front of them)
 #   VENV        the virtual environment `make setup` made (default: $PROJECT/.venv)
 set -euo pipefail
 
@@ -27,6 +29,16 @@ export PYTHONUNBUFFERED=1  # job logs show progress as it happens
 run() {
     echo "+ $*" >&2
     "$@"
+}
+
+# The directory STAGE_TO names. `job`: one of this job on node-local disk, named here on the compute node (the
+# submitting shell's TMPDIR is the login node's), so that no other job reads or stages into it.
+stage_dir() {
+    if [[ $STAGE_TO == job ]]; then
+        echo "${SLURM_TMPDIR:-${TMPDIR:-/tmp}}/alexnet-shards-${SLURM_JOB_ID:?}"
+    else
+        echo "$STAGE_TO"
+    fi
 }
 
 # Stop with a one-line error unless each named variable is set.

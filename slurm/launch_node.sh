@@ -1,17 +1,19 @@
 #!/bin/bash
-# One node's share of a training job: `torchrun "$@"`, with SIGUSR1 handed on to the training processes.
-# slurm/train.sbatch runs it directly (one node) or once per node through srun (several nodes).
+# One node's share of a training job, started by slurm/train.sbatch through srun on every node (one node too):
+# torchrun (through slurm/torchrun_status.py) with the stop signals handed straight to the training processes.
 #
-# torchrun ends on SIGUSR1 (the default action), which would kill the workers before they save a checkpoint,
-# so it starts with SIGUSR1 ignored. Its workers inherit that, but train.py installs its own handler; this
-# script signals them directly because torchrun starts each in its own session, out of reach of a process group.
-# SIGTERM (preemption, scancel) goes to torchrun, which passes it to the workers itself.
+# Slurm signals every process of the job step: SIGTERM on preemption, and SIGUSR1 when srun passes on the job
+# script's warning before the time limit. torchrun ignores both (see slurm/torchrun_status.py); the workers stop
+# at their next log interval, save a checkpoint and exit 75. This script passes both signals to the workers too,
+# which is all that reaches them where Slurm signals a process group rather than the step's cgroup (torchrun
+# starts each worker in a session of its own). Exit status: torchrun's, with 75 for "stopped early".
 set -euo pipefail
 
-(trap '' USR1; exec torchrun "$@") &
+# Both signals ignored from the start: Python takes seconds to start and import torch, and either would end it.
+(trap '' USR1 TERM; exec python "$(dirname -- "$0")/torchrun_status.py" "$@") &
 agent=$!
 trap 'pkill -USR1 -P "$agent" || true' USR1
-trap 'kill -TERM "$agent" 2>/dev/null || true' TERM
+trap 'pkill -TERM -P "$agent" || true' TERM
 # A trapped signal interrupts `wait` while torchrun is still running: wait again until it has exited.
 while kill -0 "$agent" 2>/dev/null; do
     wait "$agent" || true

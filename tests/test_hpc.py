@@ -1,5 +1,6 @@
 """The cluster path on one machine: slurm/ job scripts run with Slurm's environment and stand-ins for sbatch, srun,
 scontrol, scancel and torchrun (tests/stubs/, each records its arguments), node-local staging, the offline install."""
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shards import stage as shards_stage
 from tests.conftest import REPO
 
 STUBS = REPO / "tests" / "stubs"
@@ -48,7 +50,8 @@ def slurm_env(tmp: Path, **extra: str) -> dict:
 
 
 def fake_venv(tmp: Path, torchrun: str | None = None) -> Path:
-    """A VENV whose python is this interpreter and whose torchrun is the recording stand-in (or `torchrun`)."""
+    """A VENV whose python is this interpreter and whose torchrun is the recording stand-in, or the Python source
+    `torchrun` (slurm/torchrun_status.py runs it in its own process, as it does the real console script)."""
     venv = tmp / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     python = venv / "bin" / "python"
@@ -152,20 +155,64 @@ def test_array_script_refuses_a_plain_job(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: not an array task")
 
 
+def submit_shards(tmp: Path, *options: str, **env: str) -> subprocess.CompletedProcess:
+    env = slurm_env(tmp, RAW="raw-here", DATA=str(tmp / "shards"), **env)
+    return subprocess.run([str(SLURM / "submit_shards.sh"), *options], env=env, cwd=tmp, capture_output=True,
+                          text=True)
+
+
 def test_submit_shards_chains_merge_after_array(tmp_path):
-    env = slurm_env(tmp_path, RAW="raw-here", DATA=str(tmp_path / "shards"), NUM_TASKS="3")
-    result = subprocess.run([str(SLURM / "submit_shards.sh"), "--account=proj42", "--partition=cpu"], env=env,
-                            cwd=tmp_path, capture_output=True, text=True)
+    result = submit_shards(tmp_path, "--account=proj42", "--partition=cpu", "--cpus-per-task=16", NUM_TASKS="3")
     assert result.returncode == 0, result.stderr
     array, merge = calls(tmp_path, "sbatch")
-    assert array["args"] == ["--parsable", "--array=0-2", "--account=proj42", "--partition=cpu",
+    assert array["args"] == ["--parsable", "--array=0-2", "--account=proj42", "--partition=cpu", "--cpus-per-task=16",
                              "slurm/shards_array.sbatch"]
-    assert merge["args"] == ["--parsable", "--dependency=afterok:1001", "--account=proj42", "--partition=cpu",
+    # A failed task cancels the merge job (an afterok never met would leave it pending for ever); it uses one CPU.
+    assert merge["args"] == ["--parsable", "--dependency=afterok:1001", "--kill-on-invalid-dep=yes",
+                             "--account=proj42", "--partition=cpu", "--cpus-per-task=16", "--cpus-per-task=1",
                              "slurm/shards_merge.sbatch"]
     # Relative paths are made absolute before the jobs (which start in the project directory) see them.
     assert array["env"]["RAW"] == str(tmp_path / "raw-here") and merge["env"]["DATA"] == str(tmp_path / "shards")
     assert array["env"]["NUM_TASKS"] == "3"
     assert "1001" in result.stdout and "1002" in result.stdout
+
+
+def test_submit_shards_defaults_to_a_few_tasks_and_throttles_the_array_only(tmp_path):
+    result = submit_shards(tmp_path, MAX_RUNNING="2")
+    assert result.returncode == 0, result.stderr
+    array, merge = calls(tmp_path, "sbatch")
+    assert array["args"][1] == "--array=0-3%2" and array["env"]["NUM_TASKS"] == "4"
+    assert not any(a.startswith("--array") for a in merge["args"])
+
+
+def test_submit_shards_reruns_only_the_failed_tasks_then_a_new_merge(tmp_path):
+    result = submit_shards(tmp_path, NUM_TASKS="8", TASKS="1,5-6")
+    assert result.returncode == 0, result.stderr
+    array, merge = calls(tmp_path, "sbatch")
+    assert array["args"][1] == "--array=1,5-6" and array["env"]["NUM_TASKS"] == "8"  # the plan of all 8 tasks
+    assert merge["args"][1] == "--dependency=afterok:1001"
+
+
+@pytest.mark.parametrize("options, env, message", [
+    (["--array=0-9%2"], {}, "the array is set by NUM_TASKS"),
+    ([], {"TASKS": "1;rm"}, "TASKS=1;rm"),
+    ([], {"MAX_RUNNING": "0"}, "MAX_RUNNING=0"),
+])
+def test_submit_shards_usage_errors(tmp_path, options, env, message):
+    result = submit_shards(tmp_path, *options, **env)
+    assert result.returncode == 2 and message in result.stderr
+    assert not calls(tmp_path, "sbatch")
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "eval.sbatch", "shards_array.sbatch", "shards_merge.sbatch"])
+def test_job_submitted_outside_the_checkout_stops_with_one_line(tmp_path, script):
+    env = slurm_env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path), DATA="d", RUN="r", RAW="r", SLURM_JOB_ID="9")
+    env.pop("PROJECT", None)
+    result = subprocess.run(["bash", str(SLURM / script)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"error: no {tmp_path}/slurm/common.sh: submit from the checkout or set PROJECT=<checkout>"
+    assert "command not found" not in result.stderr
 
 
 # --- staging to node-local disk ------------------------------------------------------------------------------------
@@ -220,6 +267,44 @@ def test_stage_refuses_a_damaged_source_in_one_line(built, tmp_path):
     assert not (tmp_path / "local" / victim.relative_to(data)).exists()
 
 
+def test_restaging_never_takes_files_from_a_reader(built, tmp_path, monkeypatch):
+    """An evaluation job staging into the directory a training job reads: at every point of the second staging,
+    the manifest the trainer loaded is there and every shard it lists is whole."""
+    data, local = built["single"], tmp_path / "local"
+    assert stage(data, local).returncode == 0
+    manifest = (local / "manifest.json").read_bytes()
+    entries = [e for split in json.loads(manifest)["splits"].values() for e in split["shards"]]
+    damaged = local / entries[0]["file"]
+    damaged.write_bytes(damaged.read_bytes()[:-1024])  # to be copied again while the reader goes on
+
+    checks = []
+    verify = shards_stage.verify_shard
+
+    def reader_then_verify(path, entry):
+        assert (local / "manifest.json").read_bytes() == manifest  # what the trainer's next epoch reads
+        assert all(verify(local / e["file"], e) is None for e in entries[1:])
+        checks.append(path)
+        return verify(path, entry)
+
+    monkeypatch.setattr(shards_stage, "verify_shard", reader_then_verify)
+    shards_stage.stage_main([f"--data={data}", f"--to={local}", "--workers=1"])
+    assert checks and shard_files(local) == shard_files(data)
+    assert [p.name for p in local.iterdir() if p.name.startswith(".")] == [], "no partial copies left"
+
+
+def test_stage_refuses_a_directory_holding_another_shard_set(built, tmp_path):
+    other, local = tmp_path / "other", tmp_path / "local"
+    shutil.copytree(built["single"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["params"]["seed"] = 1  # as a rebuild with another seed would say
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    assert stage(built["single"], local).returncode == 0
+    before = {p: p.read_bytes() for p in local.rglob("*") if p.is_file()}
+    result = stage(other, local)
+    assert result.returncode == 2 and "holds another shard set" in result.stderr
+    assert {p: p.read_bytes() for p in local.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("args, message", [
     ((), "required"),
     (("--data={missing}", "--to={tmp}/local"), "no manifest.json"),
@@ -234,16 +319,24 @@ def test_stage_usage_errors(built, tmp_path, args, message):
 
 # --- training: launch arguments ------------------------------------------------------------------------------------
 
-def test_train_one_node_runs_torchrun_standalone(tmp_path):
+SHIELD = "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT"  # slurm/torchrun_status.py: torchrun leaves SIGTERM alone
+
+
+def test_train_one_node_runs_torchrun_standalone_through_srun(tmp_path):
     env = slurm_env(tmp_path, DATA="/scratch/shards", RUN=str(tmp_path / "run"), SLURM_JOB_ID="4242",
                     SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="gpu017", SLURM_GPUS_ON_NODE="4",
-                    TRAIN_ARGS="--epochs=90 --batch_size=256")
+                    SLURM_CPUS_PER_TASK="16", TRAIN_ARGS="--epochs=90 --batch_size=256")
     run_script("train.sbatch", env)
+    # A job step on one node too: Slurm sends a preemption's SIGTERM to job steps, not to the job script.
+    (srun,) = calls(tmp_path, "srun")
+    assert srun["args"][:6] == ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--cpus-per-task=16",
+                                "--kill-on-bad-exit=1", "slurm/launch_node.sh"]
     (torchrun,) = calls(tmp_path, "torchrun")
-    assert torchrun["args"] == ["--standalone", "--nnodes=1", "--nproc_per_node=4", "--", "train.py",
+    assert torchrun["args"] == [SHIELD, "--standalone", "--nnodes=1", "--nproc_per_node=4", "--", "train.py",
                                 "--data=/scratch/shards", f"--run={tmp_path / 'run'}", "--storage=network",
                                 "--epochs=90", "--batch_size=256"]
-    assert not calls(tmp_path, "srun") and not calls(tmp_path, "scontrol"), "one node needs neither"
+    assert srun["args"][6:] == torchrun["args"][1:]
+    assert not calls(tmp_path, "scontrol"), "one node needs no host list"
 
 
 def test_train_several_nodes_rendezvous_on_the_first(tmp_path):
@@ -256,9 +349,9 @@ def test_train_several_nodes_rendezvous_on_the_first(tmp_path):
                                 "--kill-on-bad-exit=1"]
     assert srun["args"][5:6] == ["slurm/launch_node.sh"]
     (torchrun,) = calls(tmp_path, "torchrun")
-    assert torchrun["args"][:7] == ["--nnodes=3", "--rdzv_id=4242", "--rdzv_backend=c10d",
+    assert torchrun["args"][:8] == [SHIELD, "--nnodes=3", "--rdzv_id=4242", "--rdzv_backend=c10d",
                                     "--rdzv_endpoint=gpu017:29642", "--nproc_per_node=2", "--", "train.py"]
-    assert srun["args"][6:] == torchrun["args"]
+    assert srun["args"][6:] == torchrun["args"][1:]
     assert calls(tmp_path, "scontrol")[0]["args"] == ["show", "hostnames", "gpu[017-018,020]"]
 
 
@@ -276,46 +369,157 @@ def test_train_stages_to_local_disk_on_every_node(built, tmp_path):
     assert f"--data={local}" in torchrun["args"] and "--storage=local" in torchrun["args"]
 
 
-# --- training: SIGUSR1 before the time limit -> checkpoint -> requeue -----------------------------------------------
+def test_stage_to_job_is_a_directory_of_the_job_named_on_the_node(built, tmp_path):
+    """STAGE_TO=job: under the job's TMPDIR as the compute node sets it, so no other job stages into it."""
+    node_tmp = tmp_path / "node-tmp"
+    node_tmp.mkdir()
+    env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(tmp_path / "run"), STAGE_TO="job",
+                    TMPDIR=str(node_tmp), SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="n1")
+    run_script("train.sbatch", env)
+    local = node_tmp / "alexnet-shards-77"
+    assert shard_files(local) == shard_files(built["single"])
+    (torchrun,) = calls(tmp_path, "torchrun")
+    assert f"--data={local}" in torchrun["args"]
+    # The evaluation job stages the val shards into its own directory (and then finds no checkpoint to evaluate).
+    subprocess.run(["bash", str(SLURM / "eval.sbatch")], env={**env, "SLURM_JOB_ID": "78",
+                   "SLURM_TMPDIR": str(node_tmp / "slurm")}, cwd=REPO, capture_output=True)
+    assert {Path(name).parts[0] for name in shard_files(node_tmp / "slurm" / "alexnet-shards-78")} == {"val"}
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, output) -> None:
+
+# --- training: stop signals -> checkpoint -> requeue -----------------------------------------------------------------
+
+FAKE_TRAINER = '''"""Stands in for train.py: marks its start in RUN; on SIGUSR1 or SIGTERM it saves a "checkpoint" for
+FAKE_SAVE_SECONDS, then exits FAKE_EXIT_ON_STOP; without a signal it finishes (status 0) after two minutes."""
+import os, signal, sys, time
+from pathlib import Path
+
+run = Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--run=")))
+stop = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop.append(signal.Signals(signum).name))
+run.mkdir(parents=True, exist_ok=True)
+(run / "started").write_text(str(os.getpid()))
+deadline = time.monotonic() + 120
+while not stop and time.monotonic() < deadline:
+    time.sleep(0.05)
+if stop:
+    time.sleep(float(os.environ["FAKE_SAVE_SECONDS"]))
+    (run / "saved").write_text(stop[0])
+    sys.exit(int(os.environ["FAKE_EXIT_ON_STOP"]))
+'''
+
+
+def real_torchrun(tmp: Path, trainer: Path | None = None) -> Path:
+    """A VENV whose torchrun is torch's own, running `trainer` in place of train.py when given."""
+    swap = f"sys.argv = [{str(trainer)!r} if a == 'train.py' else a for a in sys.argv]\n" if trainer else ""
+    return fake_venv(tmp, torchrun=f"import sys\nfrom torch.distributed.run import main\n{swap}sys.exit(main())\n")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, found by parent: torchrun starts its workers in sessions of their own."""
+    children: dict[int, list[int]] = {}
+    for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+@contextlib.contextmanager
+def running_job(script: str, env: dict, log: Path):
+    """The job script in the background; afterwards nothing of it is left running."""
+    with open(log, "w") as out:
+        job = subprocess.Popen(["bash", str(SLURM / script)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            for pid in [*descendants(job.pid), job.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            job.wait()
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"the job ended (status {proc.returncode}) before {what}:\n{output()}")
+            raise AssertionError(f"the job ended (status {proc.returncode}) before {what}:\n{log.read_text()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} after {timeout:.0f} s:\n{output()}")
-        time.sleep(0.5)
+            raise AssertionError(f"no {what} after {timeout:.0f} s:\n{log.read_text()}")
+        time.sleep(0.2)
+
+
+def fake_training_job(tmp: Path, **env: str) -> dict:
+    trainer = tmp / "fake_train.py"
+    trainer.write_text(FAKE_TRAINER)
+    return slurm_env(tmp, DATA="/scratch/shards", RUN=str(tmp / "run"), SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1",
+                     SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="2", VENV=str(real_torchrun(tmp, trainer)),
+                     **env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exit_on_stop, job_status, requeued", [(75, 75, True), (0, 0, False), (3, 1, False)])
+def test_usr1_near_the_time_limit_requeues_a_run_that_stopped_early_only(tmp_path, exit_on_stop, job_status, requeued):
+    """The job script passes SIGUSR1 to srun (here: launch_node.sh itself), launch_node.sh to the trainers, through a
+    real torchrun. 75 (stopped, checkpoint saved) requeues; 0 (the run finished: the signal came after its last
+    check) and a failure (torchrun reports it as 1) do not."""
+    env = fake_training_job(tmp_path, FAKE_SAVE_SECONDS="0", FAKE_EXIT_ON_STOP=str(exit_on_stop))
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    with running_job("train.sbatch", env, log) as job:
+        wait_for(lambda: (run / "started").exists(), 120, "the trainer's start", job, log)
+        time.sleep(1)  # both ranks
+        job.send_signal(signal.SIGUSR1)
+        job.wait(timeout=120)
+    output = log.read_text()
+    assert job.returncode == job_status, output
+    assert (run / "saved").read_text() == "SIGUSR1", output
+    assert [c["args"] for c in calls(tmp_path, "scontrol")] == ([["requeue", "4242"]] if requeued else []), output
+    assert not calls(tmp_path, "scancel"), "srun passes SIGUSR1 on: no need to signal every process of the job"
+    if exit_on_stop == 0:
+        assert "the run finished before the trainer saw the signal: not requeueing" in output
+
+
+@pytest.mark.slow
+def test_preemption_sigterm_to_the_job_step_leaves_the_trainer_time_to_save(tmp_path):
+    """Preemption: Slurm sends SIGTERM to every process of the job step, not to the job script. Passed on by
+    torchrun, it would be followed by SIGKILL after torchrun's shutdown timeout (1 s here, 30 s by default); torchrun
+    ignores it, so the trainers' 4 s save completes. The job ends with 75 and leaves the requeue to Slurm."""
+    env = fake_training_job(tmp_path, FAKE_SAVE_SECONDS="4", FAKE_EXIT_ON_STOP="75",
+                            TORCH_ELASTIC_SHUTDOWN_TIMEOUT="1")
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    with running_job("train.sbatch", env, log) as job:
+        wait_for(lambda: (run / "started").exists(), 120, "the trainer's start", job, log)
+        time.sleep(1)
+        for pid in descendants(job.pid):  # the job step: srun's task (launch_node.sh) and everything below it
+            os.kill(pid, signal.SIGTERM)
+        job.wait(timeout=120)
+    output = log.read_text()
+    assert job.returncode == 75, output
+    assert (run / "saved").read_text() == "SIGTERM", output
+    assert not calls(tmp_path, "scontrol"), output
+    assert "training stopped early (SIGTERM" in output
 
 
 @pytest.mark.slow
 def test_usr1_checkpoints_and_requeues_then_eval(built, tmp_path):
-    run = tmp_path / "run"
-    torchrun = f'#!/bin/bash\nexec "{sys.executable}" -m torch.distributed.run "$@"\n'
+    """train.py itself, with the demo preset: SIGUSR1 to the job script -> checkpoint -> status 75 -> requeue."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
     env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(run), SLURM_JOB_ID="4242",
                     SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="1",
-                    TRAIN_ARGS="--preset=demo --epochs=1000 --num_threads=1",
-                    VENV=str(fake_venv(tmp_path, torchrun=torchrun)))
-    log = open(tmp_path / "job.out", "w+")
-    job = subprocess.Popen(["bash", str(SLURM / "train.sbatch")], env=env, cwd=REPO, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+                    TRAIN_ARGS="--preset=demo --epochs=1000 --num_threads=1", VENV=str(real_torchrun(tmp_path)))
+    with running_job("train.sbatch", env, log) as job:
         # train.py installs its handler right after writing config.json; a signal before that would be lost.
-        wait_for(lambda: (run / "config.json").exists(), 240, "RUN/config.json", job,
-                 lambda: (tmp_path / "job.out").read_text())
+        wait_for(lambda: (run / "config.json").exists(), 240, "RUN/config.json", job, log)
         time.sleep(5)
         job.send_signal(signal.SIGUSR1)
         job.wait(timeout=240)
-    finally:
-        if job.poll() is None:  # SIGTERM first: torchrun's workers run in sessions of their own, out of killpg's reach
-            job.terminate()
-            try:
-                job.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
-    output = (tmp_path / "job.out").read_text()
-    assert job.returncode == 0, output
+    output = log.read_text()
+    assert job.returncode == 75, output
     assert "preempted:" in output, output
     assert (run / "checkpoint.pt").is_file()
     assert [c["args"] for c in calls(tmp_path, "scontrol")] == [["requeue", "4242"]], output

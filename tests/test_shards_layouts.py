@@ -1,7 +1,12 @@
-"""Each input layout (ILSVRC2012 and 2010 archives, Kaggle, class folders) and the label mapping via the devkit."""
+"""Each input layout (ILSVRC2012 and 2010 archives, Kaggle, class folders), the label mapping via the devkit, and the
+archive listing (headers only, unbuffered, kept in DATA/.build for the other array tasks)."""
+import errno
+import fcntl
 import gzip
 import io
 import json
+import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -237,3 +242,64 @@ def test_archives_without_devkit_are_named(tmp_path):
     (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes([]))
     with pytest.raises(UsageError, match="devkit"):
         layouts.detect(tmp_path)
+
+
+# --- listing archives ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sample_raw(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("listing") / "raw"
+    run_cli("sample", f"--out={raw}", "--train_per_class=2", "--val_per_class=1")
+    return raw
+
+
+def bytes_read() -> int:
+    """What this process's read system calls have returned so far (Linux)."""
+    return int(dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())["rchar"])
+
+
+def test_listing_an_archive_reads_its_headers_and_nothing_more(tmp_path):
+    """A buffered file would read a whole buffer per header: the filesystem's block size, 4 KiB here, 1-16 MiB on
+    Lustre or GPFS."""
+    images = [(f"n01_{i}.JPEG", bytes(300_000)) for i in range(4)]
+    archive = tmp_path / "train.tar"
+    archive.write_bytes(tar_bytes([("n01.tar", tar_bytes(images)), ("n02.tar", tar_bytes(images))]))
+    before = bytes_read()
+    classes = layouts.list_train_archive(archive, workers=1)
+    read = bytes_read() - before
+    assert {name: [m[0] for m in members] for name, members in classes.items()} == {
+        "n01.tar": [n for n, _ in images], "n02.tar": [n for n, _ in images]}
+    assert read < 20 * 512, read  # 2 + 2 x 4 headers of 512 bytes (and end-of-archive blocks) out of 2.4 MB
+
+
+def test_array_tasks_list_each_archive_once_and_again_when_it_changes(sample_raw, tmp_path, monkeypatch):
+    raw, cache = tmp_path / "raw", tmp_path / "data" / ".build"
+    shutil.copytree(sample_raw, raw)
+    without_cache = layouts.detect(raw)
+    listed = []
+    members = layouts.tar_members
+    monkeypatch.setattr(layouts, "tar_members", lambda path, *window: listed.append(Path(path).name) or
+                        members(path, *window))
+
+    first = layouts.detect(raw, cache=cache)  # the first task lists and keeps the listing
+    assert set(listed) == {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"}
+    listed.clear()
+    second = layouts.detect(raw, cache=cache)  # the others load it
+    assert listed == []
+    assert first.splits == second.splits == without_cache.splits
+
+    train = raw / "ILSVRC2012_img_train.tar"
+    os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))  # replaced since
+    assert layouts.detect(raw, cache=cache).splits == without_cache.splits
+    assert set(listed) == {"ILSVRC2012_img_train.tar"}
+
+
+def test_listing_cache_works_without_flock(sample_raw, tmp_path, monkeypatch):
+    """Lustre mounted without flock: each task lists for itself, and the listing is still shared."""
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    cache = tmp_path / ".build"
+    assert layouts.detect(sample_raw, cache=cache).splits == layouts.detect(sample_raw, cache=cache).splits
+    assert (cache / "listing-ILSVRC2012_img_train.tar.json").is_file()

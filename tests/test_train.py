@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_one_epoch_then_resume_equals_two_epochs(data, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_cleanly_and_the_rerun_continues_exactly(data, reference, tmp_path):
+def test_sigterm_checkpoints_exits_75_and_the_rerun_continues_exactly(data, reference, tmp_path):
     run = tmp_path / "run"
     args = [f"--data={data}", f"--run={run}", *QUICK]
     process = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE,
@@ -114,7 +115,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_the_rerun_continues_exactly(data,
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 0, err
+    assert process.returncode == train.EXIT_STOPPED_EARLY == 75, err  # stopped early: rerun to resume
     assert any(line.startswith("preempted:") for line in out.splitlines()), out
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu")
     assert (ckpt["epoch"], ckpt["batches_done"]) < (2, 0)  # stopped before the end
@@ -186,10 +187,13 @@ def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
 
 
 def torchrun_train(data, run, *args, wait=True):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
+    """Two ranks through slurm/torchrun_status.py, the launcher of the Slurm jobs, which passes on status 75 (torchrun
+    alone reports any non-zero worker status as 1)."""
+    command = [sys.executable, "slurm/torchrun_status.py", "--standalone", "--nproc_per_node=2", "train.py", "--",
                f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--num_threads=1", "--device=cpu",
                "--log_interval=1", "--max_steps_per_epoch=4", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    venv_bin = Path(sys.executable).parent  # where torchrun is
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
     if wait:
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -209,7 +213,7 @@ def test_two_rank_stop_mid_epoch_then_resume_gives_the_same_epoch(data, tmp_path
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
     os.kill(int(workers[0]), signal.SIGUSR1)  # one rank only: the ranks agree at the next log interval
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 0 and "preempted:" in out, out + err
+    assert process.returncode == 75 and "preempted:" in out, out + err
     assert torch.load(run / "checkpoint.pt", map_location="cpu")["batches_done"] < 4
     resumed = torchrun_train(data, run)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
@@ -253,7 +257,7 @@ def stop_after_first_step(process, run, ranks: int):
         os.kill(int(subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True)
                     .stdout.split()[0]), signal.SIGUSR1)
     out, err = process.communicate(timeout=300)
-    assert process.returncode == 0 and "preempted:" in out, out + err
+    assert process.returncode == train.EXIT_STOPPED_EARLY and "preempted:" in out, out + err
 
 
 @pytest.mark.slow
