@@ -29,7 +29,7 @@ STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)
 EXTRAS  := .[cuda$(DALI_CUDA),dev]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
-.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse clean
+.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse gpu-payload gpu-rehearse clean
 
 help:
 	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
@@ -42,6 +42,8 @@ help:
 	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
 	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
+	@echo "make gpu-payload                             # .dev/gpu/p1..p3 for a GPU machine without internet (docs/GPU.md)"
+	@echo "make gpu-rehearse                            # the GPU kit's three stages here, without a GPU, ending with its table"
 
 setup: $(STAMP)
 
@@ -92,6 +94,13 @@ bench: setup $(SAMPLE_IF_DEFAULT)
 # Realistic benchmark shards: the 1000 real ILSVRC2012 images (../shared/data, or ARGS=--raw=DIR), copied 20x.
 bench-data: setup
 	$(PY) bench.py --make_data=$(BENCH_DATA) --repeat=20 $(ARGS)
+
+# The GPU first-run kit (docs/GPU.md): the payload's parts, and a rehearsal of the three stages without a GPU.
+gpu-payload: setup
+	scripts/make_gpu_payload.sh
+
+gpu-rehearse: setup
+	scripts/gpu_rehearse.sh
 
 demo: setup $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(SAMPLE_DATA) --run=$(DEMO_RUN) --preset=demo $(ARGS)
