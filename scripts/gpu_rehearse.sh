@@ -36,7 +36,7 @@ EOF
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "${preinstalled[*]}" ]; then
     rm -rf "$VENV"
     "$BASE_PYTHON" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${preinstalled[@]}"
+    "$VENV/bin/python" -m pip install --quiet --quiet --disable-pip-version-check "${preinstalled[@]}"
     echo "${preinstalled[*]}" >"$VENV/.installed"
 fi
 tag=$("$VENV/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')

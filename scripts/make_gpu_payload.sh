@@ -53,7 +53,7 @@ EOF
 download() {
     local dest=$1
     shift
-    "$PY" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+    "$PY" -m pip download --quiet --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
         --python-version "${PY_TAG#cp}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --dest "$dest" "$@"
@@ -172,5 +172,5 @@ done
 
 tree_bytes=$(git ls-files -z | du --files0-from=- -cb | tail -1 | cut -f1)
 echo "$parts parts for $PY_TAG (the working tree that travels with each: $((tree_bytes / 1024)) KiB):"
-du -b "$PARTS"/p[0-9]* | awk '{printf "  %-28s %6.1f MiB\n", $2, $1 / 1048576}'
+du -bs "$PARTS"/p[0-9]* | awk '{printf "  %-28s %6.1f MiB\n", $2, $1 / 1048576}'
 echo "carry one per call, back to back: docs/GPU.md"
