@@ -322,6 +322,7 @@ train_short() {
     limited "$PY" train.py --data="$DATA" --run="$RUN" --resume=false --epochs=1 --compile --device="$DEVICE" \
         --batch_size="$(sized "$TRAIN_BATCH")" --num_threads="$THREADS" --max_steps_per_epoch="$TRAIN_STEPS" \
         --log_interval="$LOG_INTERVAL" || return
+    cp "$RUN/metrics.jsonl" "$LOGS/train-metrics.jsonl"
     RESULT=$("$PY" - "$RUN/metrics.jsonl" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
@@ -339,6 +340,7 @@ eval_checkpoint() {
     [ -f "$RUN/checkpoint.pt" ] || { RESULT="no checkpoint from the training run"; return 1; }
     limited "$PY" eval.py --data="$DATA" --checkpoint="$RUN/checkpoint.pt" --device="$DEVICE" \
         --num_threads="$THREADS" || return
+    cp "$RUN/eval-val.json" "$LOGS/"
     RESULT=$("$PY" - "$RUN/eval-val.json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -352,6 +354,11 @@ gpu_versions() {
     command -v nvidia-smi >/dev/null || { RESULT="no nvidia-smi"; [ "$GPU" = 0 ]; return; }
     limited nvidia-smi || return
     limited nvidia-smi -q >"$LOGS/nvidia-smi-q.txt" 2>&1
+    # The CUDA libraries DALI opens by name when an operator needs them (NPP, nvrtc, cuFFT) and the payload does
+    # not carry: DALI looks in /usr/local/cuda/lib64 and the loader's paths.
+    find /usr/local/cuda/lib64/ \( -name 'libnpp*' -o -name 'libnvrtc*' -o -name 'libcufft*' -o -name 'libnvjpeg*' \) \
+        >"$LOGS/cuda-libraries.txt" 2>&1
+    ldconfig -p 2>&1 | grep -E 'libcuda|libnpp|libnvrtc' >>"$LOGS/cuda-libraries.txt"
     RESULT="$(limited nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1), \
 CUDA $(limited nvidia-smi | grep -o 'CUDA Version: [0-9.]*' | cut -d' ' -f3) (driver)"
 }
