@@ -32,7 +32,7 @@ COMMA   := ,
 EXTRAS  := .[cuda$(DALI_CUDA),dev$(if $(PEERS),$(COMMA)peers)]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
-.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse clean
+.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse gpu-payload gpu-rehearse clean
 
 help:
 	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
@@ -46,6 +46,8 @@ help:
 	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
 	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
+	@echo "make gpu-payload                             # .dev/gpu/p1..p3 for a GPU machine without internet (docs/GPU.md)"
+	@echo "make gpu-rehearse                            # the GPU kit's three stages here, without a GPU, ending with its table"
 
 setup: $(STAMP)
 
@@ -100,6 +102,13 @@ bench-data: setup
 	$(PY) -m bench.folders --images=$(REAL_IMAGES) --out=$(BENCH_DATA)-raw
 	$(PY) -m shards build --raw=$(BENCH_DATA)-raw --out=$(BENCH_DATA)-1x
 	$(PY) -m shards replicate --data=$(BENCH_DATA)-1x --out=$(BENCH_DATA) --copies=20
+
+# The GPU first-run kit (docs/GPU.md): the payload's parts, and a rehearsal of the three stages without a GPU.
+gpu-payload: setup
+	scripts/make_gpu_payload.sh
+
+gpu-rehearse: setup
+	scripts/gpu_rehearse.sh
 
 demo: setup $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(SAMPLE_DATA) --run=$(DEMO_RUN) --preset=demo $(ARGS)

@@ -9,6 +9,7 @@ Two ways to make one:
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -18,7 +19,17 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-WDS2IDX = Path(sys.executable).parent / "wds2idx"
+
+
+def find_wds2idx() -> Path | None:
+    """DALI's `wds2idx`: beside this interpreter (a venv's bin), else on PATH (`pip install --target DIR` puts it in
+    DIR/bin, which is not beside the interpreter)."""
+    beside = Path(sys.executable).parent / "wds2idx"
+    found = beside if beside.exists() else shutil.which("wds2idx")
+    return Path(found) if found else None
+
+
+WDS2IDX = find_wds2idx()
 
 
 def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
@@ -48,6 +59,8 @@ def write_shard(path: Path, samples: list[tuple[str, bytes, int, int]]) -> None:
             _add(tar, f"{key}.cls", str(label).encode())
             _add(tar, f"{key}.label", np.int32(label).astype("<i4").tobytes())
             _add(tar, f"{key}.pos", np.int32(index).astype("<i4").tobytes())
+    if WDS2IDX is None:
+        raise FileNotFoundError("DALI's wds2idx is neither beside this Python nor on PATH")
     subprocess.run([str(WDS2IDX), str(path), str(path.with_suffix(".idx"))], check=True, capture_output=True)
 
 

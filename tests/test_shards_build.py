@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from shards import build, tario
+from tests.shardkit import WDS2IDX
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -129,12 +130,11 @@ def test_train_is_shuffled_globally(folders_build):
 
 def test_index_equals_wds2idx(folders_build, tmp_path):
     _, data, _ = folders_build
-    wds2idx = Path(PYTHON).with_name("wds2idx")
-    if not wds2idx.exists() or shutil.which("tar") is None:
+    if WDS2IDX is None or shutil.which("tar") is None:
         pytest.skip("DALI's wds2idx or GNU tar not installed")
     for tar in sorted(data.glob("*/*.tar")):
         ref = tmp_path / (tar.stem + ".idx")
-        subprocess.run([str(wds2idx), str(tar), str(ref)], check=True, capture_output=True)
+        subprocess.run([str(WDS2IDX), str(tar), str(ref)], check=True, capture_output=True)
         assert tar.with_suffix(".idx").read_bytes() == ref.read_bytes(), tar.name
         assert tario.index_of_tar(str(tar)) == ref.read_text()
 
