@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
-from pipeline import eval_loader, read_manifest
+import pipeline
+from pipeline import read_manifest
 from runtime import available_cpus, limit_threads
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
@@ -180,10 +181,10 @@ def main(argv):
     model = load_model(checkpoint_path, len(manifest["classes"]), device)
 
     def run_pass(crops: str, keep_predictions: bool):
-        loader = eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                             world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
-                             dtype=cfg.dtype if device.type == "cuda" else None,
-                             dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
+        loader = pipeline.eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
+                                      world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
+                                      dtype=cfg.dtype if device.type == "cuda" else None,
+                                      dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
         return reduce_results(correct, count, predictions, world_size)
 

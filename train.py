@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
-from pipeline import eval_loader, read_manifest, train_loader
+import pipeline
+from pipeline import read_manifest
 from runtime import available_cpus, limit_threads
 
 
@@ -275,7 +276,7 @@ def main(argv: list[str]) -> None:
     io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
     common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
                   dtype="bfloat16" if bf16 else "float32", num_threads=cfg.num_threads or cpus)
-    val = eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
+    val = pipeline.eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
 
     # ---- model, optimiser and schedule
     raw_model, train_model, model = build_model(cfg, num_classes, device, channels_last, distributed)
@@ -328,8 +329,8 @@ def main(argv: list[str]) -> None:
 
     # ---- training loader: a new global permutation every epoch (pipeline/order.py), the same global batches on
     # any number of ranks; a resumed run starts at its next global step without reading the ones before
-    loader = train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=start_epoch, start_step=skip,
-                          steps_per_epoch=cfg.max_steps_per_epoch, lighting=cfg.lighting, **common)
+    loader = pipeline.train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=start_epoch, start_step=skip,
+                                   steps_per_epoch=cfg.max_steps_per_epoch, lighting=cfg.lighting, **common)
     steps = loader.order.steps_per_epoch
 
     # ---- loop

@@ -28,8 +28,7 @@ from typing import Literal
 
 import torch
 
-from bench import loaders, training
-from bench.breakdown import breakdown_works
+from bench import training
 from bench.folders import REAL_IMAGES
 from bench.harness import hardware, measure, package_version
 from bench.preprocess import preprocess_works
@@ -113,10 +112,15 @@ def data_notes(manifest: dict) -> list[str]:
 def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, batch: int, threads: int):
     """{row name: work} for one requested row, or a string saying why it is skipped."""
     num_classes, data = len(manifest["classes"]), cfg.data
+    if key in ("model", "model_compiled"):
+        return {key: training.model_alone(num_classes, device, batch, compiled=key.endswith("compiled"))}
     if key == "preprocess":
         if not Path(cfg.raw).is_dir():
             return f"skipped: no folder of full-size JPEGs at {cfg.raw} (set --raw=DIR)"
         return preprocess_works(Path(cfg.raw), Path(cfg.work_dir))
+    # DALI is imported by the rows that read data, not before: the model rows run where it is not installed yet.
+    from bench import loaders
+    from bench.breakdown import breakdown_works
     if key == "limit":
         return {key: loaders.limit(data, batch, threads)}
     if key == "pipeline":
@@ -143,8 +147,6 @@ def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, 
         return {key: loaders.tencrop(data, min(batch, 64), device, threads)}  # 64 images = 640 patches
     if key == "eval_tencrop":
         return {key: training.eval_tencrop(data, num_classes, device, min(batch, 64), threads)}
-    if key in ("model", "model_compiled"):
-        return {key: training.model_alone(num_classes, device, batch, compiled=key.endswith("compiled"))}
     if key in ("end_to_end", "end_to_end_compiled"):
         return {key: training.end_to_end(data, num_classes, device, batch, threads, key.endswith("compiled"))}
     if key == "breakdown":
@@ -225,6 +227,7 @@ def main(argv):
               "hardware": hardware(device), "load_average": os.getloadavg(), "notes": notes,
               "data": {"path": str(Path(cfg.data).resolve()), "procedural_sample": is_procedural_sample(manifest),
                        "train_samples": manifest["splits"]["train"]["num_samples"],
+                       "val_samples": manifest["splits"].get("val", {}).get("num_samples"),
                        "replicated": manifest.get("params", {}).get("replicated", 1)},
               "results": results, "ratios": ratios, "labels": {k: label(k, fmt) for k in results}}
     hw = record["hardware"]

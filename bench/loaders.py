@@ -26,6 +26,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from bench.harness import batches_work, endless
+from bench.training import gpu_output
 from pipeline import eval_loader, pipelines, train_loader
 from pipeline.data import CROP, SIZE, read_split, read_stats
 from pipeline.order import GlobalOrder, TrainSource, read_table
@@ -34,10 +35,6 @@ from runtime import limit_threads
 IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]  # what NVIDIA's and FFCV's examples normalise with
 IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 SHUFFLE_BUFFER = 4096  # samples: the webdataset reader's buffer in the previous design and in DALI's examples
-
-
-def gpu_output(device: torch.device) -> dict:
-    return dict(dtype="bfloat16", channels_last=True) if device.type == "cuda" else {}
 
 
 def pipeline(data, batch, device, threads, hw_decoder_load=None, reader_workers=None):

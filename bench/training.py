@@ -7,13 +7,16 @@
   eval_tencrop    eval.py's evaluation of the whole val split with ten patches per image, the loader built and
                   the model warmed up before the clock starts
 """
-import eval as evaluation
 import torch
 
+import pipeline
 import train
 from bench.harness import endless
-from bench.loaders import gpu_output
-from pipeline import eval_loader, train_loader
+
+
+def gpu_output(device: torch.device) -> dict:
+    """What train.py and eval.py ask the loaders for on a GPU."""
+    return dict(dtype="bfloat16", channels_last=True) if device.type == "cuda" else {}
 
 
 def training_step(num_classes: int, device: torch.device, compiled: bool):
@@ -43,7 +46,7 @@ def model_alone(num_classes, device, batch, compiled):
 
 def end_to_end(data, num_classes, device, batch, threads, compiled):
     step = training_step(num_classes, device, compiled)
-    batches = endless(train_loader(data, batch, device=device, num_threads=threads, **gpu_output(device)))
+    batches = endless(pipeline.train_loader(data, batch, device=device, num_threads=threads, **gpu_output(device)))
 
     def work(n: int) -> int:
         for _ in range(n):
@@ -54,11 +57,12 @@ def end_to_end(data, num_classes, device, batch, threads, compiled):
 
 def eval_tencrop(data, num_classes, device, batch, threads):
     """Whole passes of eval.py's ten-crop evaluation over the val split; one unit = one pass."""
+    import eval as evaluation  # here, not at the top: the other rows run without eval.py's imports
     model = evaluation.AlexNet(num_classes=num_classes).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    loader = eval_loader(data, "val", "ten", batch, device=device, num_threads=threads, with_index=True,
+    loader = pipeline.eval_loader(data, "val", "ten", batch, device=device, num_threads=threads, with_index=True,
                          **gpu_output(device))
 
     def work(n: int) -> int:

@@ -10,8 +10,8 @@
 # A stage uses what the stages before it left in KIT_WORK (/tmp/gpu-kit), so the machine must stay up between the
 # calls. Each step's result is appended to $OUT/notes.md as soon as it is known, the stage's logs (bench JSON too)
 # go to $OUT/logs-stageN.tar.gz, also when the stage is stopped. A failed step does not stop the next; a step that
-# cannot finish before the deadline is skipped. A step that failed only because DALI was not there yet (today's
-# bench.py imports it) is tried again in stage 3.
+# cannot finish before the deadline is skipped. A model row of stage 1 or 2 that did not succeed (its deadline) is
+# tried again at the end of stage 3.
 #
 #   scripts/gpu_check.sh 1 .dev/gpu/p1
 #   DEADLINE_S=240 scripts/gpu_check.sh 3 .dev/gpu/p3       # less device time left: a shorter stage
@@ -227,24 +227,23 @@ EOF
 }
 
 # ------------------------------------------------------------------------------------------------ the rows
-# The only place that knows the flags of bench.py, train.py and eval.py. bench.py is being rewritten into one
-# harness: --compile and --hw_decoder_load are its new flags (today's bench.py refuses them, and the row says so).
+# The only place that knows the flags of `python -m bench`, train.py and eval.py. The model rows need no DALI, so
+# stages 1 and 2 measure them before DALI is installed.
 
 sized() { if [ "$SMOKE" = 1 ]; then echo 8; else echo "$1"; fi; }  # images per batch: tiny in a smoke run
 
-# replicate_shards SOURCE DEST COPIES: the one call that copies the carried split (into `python -m shards
-# replicate` once that exists; today's bench.py --make_data imports DALI, so it waits for stage 3).
-replicate_shards() { limited "$PY" bench.py --make_data="$2" --raw="$1" --repeat="$3"; }
+# replicate_shards SOURCE DEST COPIES: the one call that copies the carried split (no DALI needed).
+replicate_shards() { limited "$PY" -m shards replicate --data="$1" --out="$2" --copies="$3"; }
 
-# bench JSON DATA FLAGS...: one bench.py row on this device.
+# bench JSON DATA FLAGS...: rows of the benchmark harness on this device.
 bench() {
     local json=$1 data=$2
     shift 2
-    limited "$PY" bench.py --data="$data" --device="$DEVICE" --seconds="$BENCH_SECONDS" --out="$json" "$@"
+    limited "$PY" -m bench --data="$data" --device="$DEVICE" --seconds="$BENCH_SECONDS" --out="$json" "$@"
 }
 
-# bench_rate JSON KEY BATCH [RATE_FILE]: "N images/s (M steps/s)" from bench.py's JSON (no steps/s for batch 0);
-# RATE_FILE gets the bare number, for rows computed from others.
+# bench_rate JSON KEY BATCH [RATE_FILE]: "N images/s (M steps/s)" from the harness's JSON (no steps/s for batch
+# 0); RATE_FILE gets the bare number, for rows computed from others.
 bench_rate() {
     "$PY" - "$@" <<'EOF'
 import json, sys
@@ -262,20 +261,22 @@ make_data() {
     RESULT="$(split_sizes "$DATA/manifest.json") samples ($REPEAT copies)"
 }
 
+row_name() { if [ "$1" = compiled ]; then echo "$2_compiled"; else echo "$2"; fi; }  # eager|compiled ROW
+
 model_row() {  # eager|compiled BATCH
-    local json="$LOGS/model-$1-$2.json" batch flags=()
-    batch=$(sized "$2")
-    [ "$1" = compiled ] && flags=(--compile)
-    bench "$json" "$SHARDS" --what=model --batch_size="$batch" "${flags[@]}" || return
-    RESULT=$(bench_rate "$json" model "$batch")
+    local json="$LOGS/model-$1-$2.json" batch row
+    batch=$(sized "$2") row=$(row_name "$1" model)
+    bench "$json" "$SHARDS" --what="$row" --batch_size="$batch" || return
+    RESULT=$(bench_rate "$json" "$row" "$batch")
 }
 
-pipeline_row() {  # HW_DECODER_LOAD
+pipeline_row() {  # HW_DECODER_LOAD: the pipeline with that share of every batch on the hardware JPEG decoder
     local json="$LOGS/pipeline-hw$1.json" batch
     batch=$(sized "$TRAIN_BATCH")
     bench "$json" "$DATA" --what=pipeline --batch_size="$batch" --num_threads="$THREADS" --hw_decoder_load="$1" \
         || return
-    RESULT=$(bench_rate "$json" pipeline 0 "$WORK/rates/pipeline-hw$1")
+    RESULT=$(bench_rate "$json" "$([ "$GPU" = 1 ] && echo "pipeline[hw_decoder_load=$1]" || echo pipeline)" 0 \
+        "$WORK/rates/pipeline-hw$1")
 }
 
 hw_decoder_verdict() {
@@ -288,20 +289,19 @@ print(f"load 1 / load 0 = {r1 / r0:.2f}: " + ("the same within 3%, so the hardwa
 }
 
 end_to_end_row() {  # eager|compiled
-    local json="$LOGS/end-to-end-$1.json" batch flags=()
-    batch=$(sized "$TRAIN_BATCH")
-    [ "$1" = compiled ] && flags=(--compile)
-    bench "$json" "$DATA" --what=end_to_end --batch_size="$batch" --num_threads="$THREADS" "${flags[@]}" || return
-    RESULT=$(bench_rate "$json" end_to_end "$batch")
+    local json="$LOGS/end-to-end-$1.json" batch row
+    batch=$(sized "$TRAIN_BATCH") row=$(row_name "$1" end_to_end)
+    bench "$json" "$DATA" --what="$row" --batch_size="$batch" --num_threads="$THREADS" || return
+    RESULT=$(bench_rate "$json" "$row" "$batch")
 }
 
-ten_crop_row() {
+ten_crop_row() {  # eval.py's ten-crop evaluation over the whole val split, loader and model ready before the clock
     local json="$LOGS/ten-crop.json"
-    bench "$json" "$DATA" --what=tencrop --num_threads="$THREADS" || return
+    bench "$json" "$DATA" --what=eval_tencrop --num_threads="$THREADS" --repeats=1 || return
     RESULT=$("$PY" - "$json" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-rate, n = r["results"]["tencrop"]["images_per_s"], r["data"]["val_samples"]
+rate, n = r["results"]["eval_tencrop"]["images_per_s"], r["data"]["val_samples"]
 print(f"{rate:,.0f} images/s: {n:,} val images in {n / rate:.1f} s")
 EOF
     )

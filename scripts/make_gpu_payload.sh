@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PY:-.venv/bin/python}  # this checkout's Python: pip, the pinned versions, and bench.py to build the shards
+PY=${PY:-.venv/bin/python}  # this checkout's Python: pip, the pinned versions, and `python -m shards` for the shards
 PY_TAG=${PY_TAG:-cp312}     # the CPython that will import the payload (the GPU machine's)
 PARTS=${PARTS:-.dev/gpu}
 PART_MIB=${PART_MIB:-62}    # a call carries 64 MiB, the working tree (under 1 MiB) included
@@ -116,9 +116,10 @@ shards="$CACHE/shards"
 if ! [ -f "$CACHE/shards.tar" ]; then
     [ -d "$REAL_IMAGES" ] || { echo "no $REAL_IMAGES: the 1000 real JPEGs are needed once, here" >&2; exit 1; }
     rm -rf "$shards" "$CACHE/payload-shards"
-    "$PY" bench.py --make_data="$shards" --raw="$REAL_IMAGES" --repeat=1
-    # bench.py builds val from the same 1000 images as train. Only train travels: val becomes a copy of it there
-    # (other order, same images), listed in COPIES; the manifest's val entry says so already.
+    "$PY" -m bench.folders --images="$REAL_IMAGES" --out="$CACHE/raw-links"
+    "$PY" -m shards build --raw="$CACHE/raw-links" --out="$shards"
+    # val holds the same 1000 images as train. Only train travels: val becomes a copy of it there (other order,
+    # same images), listed in COPIES; the manifest's val entry says so already.
     mkdir -p "$CACHE/payload-shards/train"
     cp "$shards"/train/* "$CACHE/payload-shards/train/"
     cp "$shards/stats.npz" "$CACHE/payload-shards/"
@@ -134,7 +135,7 @@ for n, shard in enumerate(train["shards"]):
     val["shards"].append(dict(shard, file=file))
     copies.append(f"{shard['file'][:-4]} {file[:-4]}")
 manifest["splits"]["val"] = val
-manifest["params"]["note"] += "; val is a copy of train"
+manifest["params"]["note"] = "val is a copy of train"
 (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 (out / "COPIES").write_text("".join(line + "\n" for line in copies))
 EOF
