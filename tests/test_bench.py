@@ -1,6 +1,7 @@
 """The benchmark from the outside: a short run on tiny shards measures every row it is asked for, with the
 spread, the ratios and the hardware; the peers it cannot run are named as skipped, never left out silently."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,26 @@ def test_bench_data_is_built_and_replicated_by_the_shards_package(tmp_path):
 def test_unknown_row_is_a_usage_error(tmp_path):
     run = bench("--what=limit,everything", f"--out={tmp_path / 'b.json'}")
     assert run.returncode == 2 and "everything" in run.stderr
+
+
+def test_model_rows_and_replication_run_without_dali(tmp_path):
+    """Where DALI is not installed yet (the GPU kit's first stages), train.py's step is measured all the same."""
+    blocker = tmp_path / "no-dali" / "sitecustomize.py"
+    blocker.parent.mkdir()
+    blocker.write_text("import sys\n\nclass NoDali:\n    def find_spec(self, name, path=None, target=None):\n"
+                       "        if name.split('.')[:2] == ['nvidia', 'dali']:\n"
+                       "            raise ImportError('DALI is not installed here')\n\n"
+                       "sys.meta_path.insert(0, NoDali())\n")
+    data = write_data(tmp_path / "data", {"train": random_images(8, 2)}, shard_size=8)
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    run = subprocess.run([sys.executable, "-m", "bench", f"--data={data}", "--device=cpu", "--what=model",
+                          "--batch_size=2", "--seconds=0.2", "--repeats=1", f"--out={tmp_path / 'b.json'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((tmp_path / "b.json").read_text())["results"]["model"]["images_per_s"] > 0
+    copies = subprocess.run([sys.executable, "-m", "shards", "replicate", f"--data={data}",
+                             f"--out={tmp_path / 'two'}", "--copies=2"], cwd=REPO, capture_output=True, text=True,
+                            env=env)
+    assert copies.returncode == 0, copies.stderr
+    dali = subprocess.run([sys.executable, "-c", "import nvidia.dali"], capture_output=True, env=env)
+    assert dali.returncode != 0, "the blocker must keep DALI out, or this test proves nothing"
