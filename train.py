@@ -268,8 +268,8 @@ def main(argv: list[str]) -> None:
     cpus = max(1, available_cpus() // local_size)  # this rank's share of the node
     limit_threads(cpus)
     stop_signal = []  # set by the handler, acted on at the next sync point so that all ranks stop together
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signal.Signals(signum).name))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     # ---- validation loader: each rank reads its own 1/world_size of the split
     per_rank = cfg.batch_size // world_size
@@ -325,6 +325,10 @@ def main(argv: list[str]) -> None:
         if distributed:
             dist.barrier()  # torchrun stops every rank once one exits non-zero: none leaves before rank 0 has saved
             dist.destroy_process_group()
+        # A process that goes on after main() (the tests call it) must not keep a SIGTERM handler: pool workers it
+        # forks later would inherit it and never end when their pool terminates them.
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         sys.exit(code)
 
     # ---- training loader: a new global permutation every epoch (pipeline/order.py), the same global batches on
