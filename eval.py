@@ -77,9 +77,6 @@ def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-        # No TF32 (PyTorch's default allows it in convolutions): --dtype=float32 means float32, and under autocast
-        # the only float32 products left are fc8's, which are float32 on purpose (model/__init__.py).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if world_size > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world_size, device
@@ -181,6 +178,9 @@ def main(argv):
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
     rank, world_size, device = setup_distributed(cfg.device)
+    # TF32 only with a 16-bit autocast dtype, as in train.py: --dtype=float32 means float32.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (device.type == "cuda"
+                                                                               and cfg.dtype != "float32")
     cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share of the node
     limit_threads(cpus)
     model = load_model(checkpoint_path, len(manifest["classes"]), device)

@@ -210,10 +210,11 @@ def main(argv: list[str]) -> None:
     master = rank == 0
     if cuda:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
-        # No TF32 (PyTorch's default allows it in convolutions): --dtype=float32 means float32, and under bfloat16
-        # autocast the only float32 products left are fc8's, which are float32 on purpose (model/__init__.py).
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     bf16 = cuda and cfg.dtype == "bfloat16"
+    # TF32 only under bfloat16 (PyTorch's default allows it in every convolution): --dtype=float32 means float32.
+    # Under bfloat16 the float32 products left are fc8's, whose bfloat16 inputs TF32 holds exactly, and LRN's
+    # window sums, where it rounds only the small alpha/n * sum term (model/__init__.py).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bf16
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
     channels_last = cuda and cfg.channels_last
     run = Path(cfg.run)
@@ -257,7 +258,9 @@ def main(argv: list[str]) -> None:
     raw_model = AlexNet(num_classes=num_classes, dropout=cfg.dropout).to(device)
     if channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(raw_model) if distributed else raw_model
+    # No buffer broadcast before every forward: the model's only buffers are LRN's constant band matrices.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    ddp_model = ddp(raw_model, broadcast_buffers=False) if distributed else raw_model
     # Compile the DDP wrapper, not the module inside it: then gradient all-reduces overlap the compiled backward.
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     model = torch.compile(raw_model) if cfg.compile else raw_model  # for evaluation, without DDP's hooks

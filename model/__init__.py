@@ -32,24 +32,26 @@ class TowerLRN(nn.Module):
     Section 3.3 sums over "adjacent kernel maps" of one GPU: each normalised only its own 48 (conv1) or 128
     (conv2) maps, so a map at a tower's edge has fewer neighbours, as one at the layer's edge does. In bfloat16
     the normaliser k + alpha/n * sum would round to k (bfloat16 steps are 1/64 near 2) at most positions.
-    The window sum adds shifted copies of the squares along each tower's channels: exact in float32, no
-    matrix product (so no TF32 rounding on a GPU), and one fused kernel, channels-last included, under
-    torch.compile. No parameters or buffers: the state dict is that of nn.LocalResponseNorm.
+    The window sums are a 1x1 convolution of the squares with a fixed 0/1 band matrix, block-diagonal over the
+    towers: a matrix product over the channels, which runs in either memory layout (nn.LocalResponseNorm's
+    avg_pool3d copies channels-last inputs to NCHW). With TF32 on (bfloat16 training on a GPU) the products round
+    the squares to 10 bits, which moves alpha/n * sum by at most 5e-4 of itself and never touches k.
+    The band is a non-persistent buffer: the state dict is that of nn.LocalResponseNorm (empty).
     """
 
-    def __init__(self, towers: int = TOWERS, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
+    def __init__(self, channels: int, towers: int = TOWERS, size: int = LRN_SIZE, alpha: float = LRN_ALPHA,
                  beta: float = LRN_BETA, k: float = LRN_K):
         super().__init__()
         self.towers, self.size, self.alpha, self.beta, self.k = towers, size, alpha, beta, k
+        per_tower = torch.arange(channels // towers)
+        band = ((per_tower[:, None] - per_tower[None, :]).abs() <= size // 2).float()
+        # Grouped-convolution weight, (out, in per group, 1, 1): row i sums the squares of maps i-n/2..i+n/2.
+        self.register_buffer("band", band.repeat(towers, 1)[:, :, None, None], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(torch.promote_types(x.dtype, torch.float32))
-            n, channels, h, w = x.shape
-            per_tower = channels // self.towers
-            half = self.size // 2
-            squares = F.pad((x * x).view(n, self.towers, per_tower, h, w), (0, 0, 0, 0, half, half))
-            window = sum(squares[:, :, i:i + per_tower] for i in range(self.size)).reshape(n, channels, h, w)
+            window = F.conv2d(x * x, self.band.to(x.dtype), groups=self.towers)
             return x / (self.k + self.alpha / self.size * window).pow(self.beta)
 
     def extra_repr(self) -> str:
@@ -58,7 +60,8 @@ class TowerLRN(nn.Module):
 
 class Float32Linear(nn.Linear):
     """nn.Linear computed in float32 even under autocast. For fc8: bfloat16 logits (8 significant bits) tie and
-    swap the top classes of close scores; in float32 the ranking is that of the layer's inputs."""
+    swap the top classes of close scores; float32 logits rank as the layer's inputs do. With TF32 on (bfloat16
+    training on a GPU) the products round the weights to 11 significant bits; the bfloat16 inputs stay exact."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
@@ -75,9 +78,9 @@ class AlexNet(nn.Module):
         # Spatial sizes for a 224x224 input; padding 2 in conv1 gives the paper's 55x55.
         self.features = nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(3, 96, 11, stride=4, padding=2)), ("relu1", nn.ReLU(inplace=True)),  # 55
-            ("norm1", TowerLRN()), ("pool1", pool()),                                                 # 27
+            ("norm1", TowerLRN(96)), ("pool1", pool()),                                               # 27
             ("conv2", nn.Conv2d(96, 256, 5, padding=2, groups=2)), ("relu2", nn.ReLU(inplace=True)),
-            ("norm2", TowerLRN()), ("pool2", pool()),                                                 # 13
+            ("norm2", TowerLRN(256)), ("pool2", pool()),                                              # 13
             ("conv3", nn.Conv2d(256, 384, 3, padding=1)), ("relu3", nn.ReLU(inplace=True)),           # both halves
             ("conv4", nn.Conv2d(384, 384, 3, padding=1, groups=2)), ("relu4", nn.ReLU(inplace=True)),
             ("conv5", nn.Conv2d(384, 256, 3, padding=1, groups=2)), ("relu5", nn.ReLU(inplace=True)),

@@ -74,7 +74,7 @@ def test_a_towers_normalisation_ignores_the_other_tower():
         a = activations(channels)
         b = a.clone()
         b[:, channels // 2:] = 1e4  # the second tower's maps, large enough to dominate any window they entered
-        norm = TowerLRN()
+        norm = TowerLRN(channels)
         first, second = norm(a)[:, :channels // 2], norm(b)[:, :channels // 2]
         assert torch.equal(first, second)
         assert not torch.allclose(norm(b)[:, channels // 2:], b[:, channels // 2:] / LRN_K ** LRN_BETA, rtol=1e-3)
