@@ -3,6 +3,11 @@
 `prepare(data)` is the fast path used by the build; `plain_pillow(data)` is the straightforward Pillow way it is
 measured against (see shards/speed.py). Both resize the shorter side to SIZE and keep the central SIZE x SIZE patch,
 with the same geometry: the crop offset is an integer pixel count in the resized image, as resize-then-crop gives.
+They agree in geometry and in quality, not pixel for pixel: Pillow resamples in two 8-bit passes, rounding and
+clipping in between, and orders the passes by the shape of what it resizes, so a whole portrait image is resampled
+in the other order than its central box. On the 1000 real sample images 96% of the pixels are equal and most
+others differ by 1 level; landscape images differ by at most 2, at sharp edges in portrait images up to 30. Both
+are equally close to an exact float64 LANCZOS of the geometry (speed.py's PSNR).
 """
 import io
 import warnings
@@ -112,15 +117,25 @@ def decode(data: bytes, size: int = SIZE, fast: bool = True) -> tuple[Image.Imag
     return im, tuple(v / scale for v in box), converted
 
 
-def prepare(data: bytes, quality: int = 90, size: int = SIZE) -> tuple[bytes, np.ndarray, list[str]]:
-    """Source bytes -> (JPEG bytes of the size x size RGB patch, its uint8 pixels (size, size, 3), conversions).
+def prepare(data: bytes, quality: int = 90, size: int = SIZE) -> tuple[bytes, list[str]]:
+    """Source bytes -> (JPEG bytes of the size x size RGB patch, conversions made).
 
     Raises Rejected with the reason when the content cannot be decoded. Only the central box is resampled
-    (`resize(box=...)`), which gives the same pixels as resizing the whole image and cropping afterwards.
+    (`resize(box=...)`): the geometry of resizing the whole image and cropping afterwards, at a fraction of the
+    work (see the module docstring for how the pixels differ).
     """
     im, box, converted = decode(data, size, fast=True)
     patch = im.resize((size, size), Image.Resampling.LANCZOS, box=box)
-    return encode(patch, quality), np.asarray(patch), converted
+    return encode(patch, quality), converted
+
+
+def decoded_pixels(jpeg: bytes) -> np.ndarray:
+    """The uint8 (height, width, 3) RGB pixels a reader gets from `jpeg`: libjpeg-turbo's decode, as DALI's CPU
+    decoder does it. The statistics are summed from these, not from the pixels before encoding, because 4:2:0
+    chroma subsampling and quantisation change them (the colour variance most): the pipelines subtract the mean
+    from decoded pixels."""
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im)  # RGB: what `encode` writes
 
 
 def encode(patch: Image.Image, quality: int) -> bytes:

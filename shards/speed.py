@@ -7,7 +7,8 @@ in-memory bytes, interleaved image by image (so load on a shared machine hits bo
   plain   open, convert("RGB"), LANCZOS resize of the whole image, crop, save            (image.plain_pillow)
   prepare the build's image path: decode (DCT-domain downscale only for huge JPEGs), LANCZOS of the central
           box only, save                                                                   (image.prepare)
-  build   what a build worker does per image: prepare plus the exact statistics sums, which the plain way lacks
+  build   what a build worker does per image: prepare, then decode its JPEG for the exact statistics sums, which
+          the plain way lacks
   decode  a full-size decode alone: no way that decodes every pixel can beat it
 Quality: PSNR of the 256x256 pixels (before JPEG encoding, which both share) against an exact float64 LANCZOS
 (a=3) resampling of the full-size decoded image with the same geometry; higher is closer.
@@ -78,8 +79,8 @@ _SUMS = {"sum_image": np.zeros((image.SIZE, image.SIZE, 3), np.uint64), "pixel_s
 
 def build_step(data: bytes) -> None:
     """One image as a build worker handles it: prepare + the statistics sums (the build's own code for both)."""
-    _, pixels, _ = image.prepare(data)
-    add_pixel_sums(_SUMS, pixels)
+    jpeg, _ = image.prepare(data)
+    add_pixel_sums(_SUMS, image.decoded_pixels(jpeg))
 
 
 def decode_only(data: bytes) -> None:
