@@ -35,7 +35,7 @@ class TowerLRN(nn.Module):
     The window sums are a 1x1 convolution of the squares with a fixed 0/1 band matrix, block-diagonal over the
     towers: a matrix product over the channels, which runs in either memory layout (nn.LocalResponseNorm's
     avg_pool3d copies channels-last inputs to NCHW). With TF32 on (bfloat16 training on a GPU) the products round
-    the squares to 10 bits, which moves alpha/n * sum by at most 5e-4 of itself and never touches k.
+    the squares to 11 significant bits, which moves alpha/n * sum by at most 5e-4 of itself and never touches k.
     The band is a non-persistent buffer: the state dict is that of nn.LocalResponseNorm (empty).
     """
 
