@@ -82,6 +82,15 @@ def test_a_truncated_checkpoint_is_a_one_line_error_for_resume(data, tmp_path):
     assert_one_error_line(result, "unreadable or not written by train.py")
 
 
+def test_statistics_that_would_run_code_are_refused(data, tmp_path):
+    copy = shutil.copytree(data, tmp_path / "data")
+    marker = tmp_path / "marker"
+    np.savez(copy / "stats.npz", mean_image=np.array([RunsCode(f"touch {marker}")], dtype=object))
+    with pytest.raises(ValueError, match="stats.npz"):
+        train_loader(copy, 2)
+    assert not marker.exists()
+
+
 # --- shard paths in manifest.json ----------------------------------------------------------------------------------
 
 def with_shard_file(data, tmp_path, file: str):
