@@ -178,9 +178,8 @@ def main(argv):
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
     rank, world_size, device = setup_distributed(cfg.device)
-    # TF32 only with a 16-bit autocast dtype, as in train.py: --dtype=float32 means float32.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (device.type == "cuda"
-                                                                               and cfg.dtype != "float32")
+    tf32 = device.type == "cuda" and cfg.dtype != "float32"  # as in train.py: --dtype=float32 means float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share of the node
     limit_threads(cpus)
     model = load_model(checkpoint_path, len(manifest["classes"]), device)
