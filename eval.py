@@ -23,7 +23,7 @@ from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import available_cpus, limit_threads
+from runtime import available_cpus, limit_threads, load_checkpoint, shard_path
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -41,7 +41,7 @@ class EvalConfig:
     split: str = "val"  # split to evaluate: val, or test when the shards have one
     batch_size: int = 64  # images per rank per batch (each expands to ten patches)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on a GPU (the CPU uses float32)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # GPU autocast dtype (float32: no TF32; CPU: float32)
     num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
     storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
     save_predictions: bool = False  # also write per-image top-5 predictions and per-class accuracy
@@ -51,7 +51,7 @@ class EvalConfig:
 def ten_crop_probabilities(model, patches: torch.Tensor) -> torch.Tensor:
     """[B, P, 3, H, W] patches -> [B, classes] softmax probabilities averaged over the P patches."""
     batch, num_patches = patches.shape[:2]
-    logits = model(patches.flatten(0, 1)).float()
+    logits = model(patches.flatten(0, 1))  # float32 even under autocast: fc8 computes in float32
     return logits.softmax(dim=1).view(batch, num_patches, -1).mean(dim=1)
 
 
@@ -87,14 +87,17 @@ def load_model(path: Path, num_classes: int, device: torch.device) -> AlexNet:
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state, trained_classes = checkpoint["model"], checkpoint["num_classes"]
-    except Exception as e:  # a truncated or foreign file: say which, not a pickle traceback
-        raise UsageError(f"checkpoint {path} is unreadable or not written by train.py ({type(e).__name__}: {e})")
-    if trained_classes != num_classes:
-        raise UsageError(f"checkpoint {path} has {trained_classes} classes but the shards have {num_classes}")
+        checkpoint = load_checkpoint(path)  # refuses a file that would run code when loaded
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if checkpoint.get("num_classes") != num_classes:
+        raise UsageError(f"checkpoint {path} has {checkpoint.get('num_classes')} classes but the shards have "
+                         f"{num_classes}")
     model = AlexNet(num_classes=num_classes)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"checkpoint {path} holds another network ({' '.join(str(e).split())[:300]})") from None
     return model.to(device).eval()
 
 
@@ -102,7 +105,7 @@ def split_keys(data: Path, manifest: dict, split: str) -> dict[int, str]:
     """Sample position (the `.pos` member, docs/FORMAT.md) -> key (the source file's stem), over the split."""
     keys = {}
     for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(data / shard["file"]) as tar:
+        with tarfile.open(shard_path(data, shard["file"])) as tar:  # members are read, never extracted
             for member in tar:
                 key, _, ext = member.name.partition(".")
                 if ext == "pos":
@@ -123,7 +126,7 @@ def evaluate(model, loader, device, dtype, keep_predictions: bool):
             if images.dim() == 5:
                 scores = ten_crop_probabilities(model, images)
             else:
-                scores = model(images).float()
+                scores = model(images)
         correct += topk_correct(scores, labels)
         count += labels.numel()
         if keep_predictions:
@@ -176,15 +179,20 @@ def main(argv):
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
     rank, world_size, device = setup_distributed(cfg.device)
+    tf32 = device.type == "cuda" and cfg.dtype != "float32"  # as in train.py: --dtype=float32 means float32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share of the node
     limit_threads(cpus)
     model = load_model(checkpoint_path, len(manifest["classes"]), device)
 
     def run_pass(crops: str, keep_predictions: bool):
-        loader = pipeline.eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                                      world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
-                                      dtype=cfg.dtype if device.type == "cuda" else None,
-                                      dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
+        try:
+            loader = pipeline.eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
+                                          world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
+                                          dtype=cfg.dtype if device.type == "cuda" else None,
+                                          dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
+        except ValueError as e:  # a manifest the user must fix (e.g. a shard path outside DATA)
+            raise UsageError(str(e)) from None
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
         return reduce_results(correct, count, predictions, world_size)
 

@@ -1,7 +1,9 @@
-"""What every entry point needs from the machine it runs on: its share of the CPUs, and thread pools sized to it.
+"""What every entry point needs: its share of the CPUs, thread pools sized to it, and safe reads of others' files.
 
-    from runtime import available_cpus, limit_threads
+    from runtime import available_cpus, limit_threads, load_checkpoint, shard_path
     limit_threads(available_cpus() // processes_on_this_node)
+    checkpoint = load_checkpoint("runs/alexnet/checkpoint.pt")   # refuses anything that could run code
+    tar = shard_path(data, entry["file"])                        # refuses a manifest entry pointing outside DATA
 
 Why it matters: numpy's OpenBLAS, OpenMP and torch each start a thread per core in every process. Next to other
 worker processes those threads spin against each other: a shard build with one OpenBLAS pool per worker ran 9x
@@ -13,6 +15,8 @@ from pathlib import Path
 
 # Read by OpenBLAS, OpenMP and MKL when they start: set for child processes started after limit_threads().
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# What a checkpoint may hold: train.py writes nothing else, so that it loads with torch.load(weights_only=True).
+CHECKPOINT_CONTENT = "tensors, numbers, strings, lists and dicts"
 
 
 def available_cpus() -> int:
@@ -51,3 +55,45 @@ def limit_threads(threads: int) -> None:
     threadpool_limits(threads)
     if "torch" in sys.modules:  # only where torch is already used: shard workers never import it
         sys.modules["torch"].set_num_threads(threads)
+
+
+def shard_path(data: str | os.PathLike, file) -> Path:
+    """DATA / file for a shard `file` of manifest.json; ValueError naming the entry when it could lead outside DATA.
+
+    Shard directories are shared, so a manifest may come from someone else: an absolute path, a `..` component or
+    a symbolic link out of DATA would make a reader (or `stage`, a writer) touch files elsewhere.
+    """
+    if not isinstance(file, str) or not file:
+        raise ValueError(f"manifest lists shard file {file!r}: expected a path relative to the shard directory")
+    relative = Path(file)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"manifest lists shard file {file!r}: shard paths must be relative to the shard directory "
+                         "and must not contain '..'")
+    path = Path(data) / relative
+    if not path.resolve().is_relative_to(Path(data).resolve()):
+        raise ValueError(f"manifest lists shard file {file!r}: it resolves to {path.resolve()}, outside {data}")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by train.py, on the CPU; ValueError with a one-line reason when it is refused or damaged.
+
+    Unpickling runs whatever code a file names, so checkpoints are loaded with `weights_only=True`: only
+    CHECKPOINT_CONTENT, which is all train.py writes. A file from someone else can then hold wrong weights, no code.
+    """
+    import pickle
+
+    import torch
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "an unsupported object")
+        raise ValueError(f"checkpoint {path} refused: it holds more than {CHECKPOINT_CONTENT}, and loading that "
+                         f"could run code ({found})") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, KeyError, EOFError... for damaged files
+        first_line = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"checkpoint {path} is unreadable or not written by train.py "
+                         f"({type(e).__name__}: {first_line})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"checkpoint {path} is not written by train.py (it has no model weights)")
+    return checkpoint

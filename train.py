@@ -46,7 +46,7 @@ from config import UsageError, parse_config, run_main, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import available_cpus, limit_threads
+from runtime import available_cpus, limit_threads, load_checkpoint
 
 
 @dataclass
@@ -58,14 +58,15 @@ class Config:
     batch_size: int = 128  # images per step, summed over all ranks
     lr: float = 0.01  # learning rate per step of batch_size images (not rescaled with the GPU count)
     momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 5e-4  # L2 penalty on every weight and bias, as in the paper's update rule
+    weight_decay: float = 5e-4  # L2 penalty on the weights, as in the paper's update rule
+    decay_biases: bool = False  # also decay the biases (the paper's rule, cuda-convnet and Caffe decay weights only)
     lr_patience: int = 2  # epochs in a row without a new best val top-1 error before lr /= 10
     max_lr_drops: int = 3  # the paper divided the learning rate by 10 three times
     dropout: float = 0.5  # dropout probability on the outputs of fc6 and fc7
     lighting: float = 0.1  # std of the PCA lighting coefficients (0: off)
     mean: Literal["pixel", "channel"] = "pixel"  # subtract the per-pixel mean image (the paper) or the RGB mean
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast dtype on the GPU (the CPU always runs float32)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # autocast dtype on the GPU (float32: no TF32; CPU: float32)
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (about a minute of compiling first)
     num_threads: int = 0  # DALI CPU threads per rank (0: this node's CPUs divided among its ranks)
@@ -115,11 +116,23 @@ class DropOnPlateau:
         self.best, self.bad_epochs, self.drops = state["best"], state["bad_epochs"], state["drops"]
 
 
-def all_sum(values: list[float] | torch.Tensor, device, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """Sum (or `op`) over ranks, in float64 so that counts stay exact. A host-device sync: use at intervals only."""
+def parameter_groups(model: torch.nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
+    """SGD parameter groups: weight decay on the weights, and on the biases only with `decay_biases`.
+
+    The paper's update rule decays the weights w; cuda-convnet applied its `wc` to weights only and Caffe's
+    reference AlexNet gives biases no decay. Decayed for 90 epochs, the biases initialised to 1 would shrink
+    to about 0.2 from the decay alone.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [{"params": [m.weight for m in layers], "weight_decay": weight_decay},
+            {"params": [m.bias for m in layers], "weight_decay": weight_decay if decay_biases else 0.0}]
+
+
+def all_sum(values: list[float] | torch.Tensor, device) -> torch.Tensor:
+    """Sum over ranks, in float64 so that counts stay exact. A host-device sync: use at intervals only."""
     t = torch.as_tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t)
     return t.cpu()
 
 
@@ -130,7 +143,7 @@ def evaluate(model, loader, device, autocast) -> dict:
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 correct, top-5 correct, samples
     for images, labels in loader:
         with autocast:
-            logits = model(images).float()
+            logits = model(images)  # float32 even under autocast: fc8 computes in float32
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         sums[0] += F.cross_entropy(logits, labels, reduction="sum")
         sums[1] += hits[:, 0].sum()
@@ -143,7 +156,10 @@ def evaluate(model, loader, device, autocast) -> dict:
 def configure_cuda(cfg: Config) -> None:
     """Backend settings for training on a GPU."""
     torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # TF32 only under bfloat16 (PyTorch's default allows it in every convolution): --dtype=float32 means float32.
+    # Under bfloat16 the float32 products left are fc8's, whose bfloat16 inputs TF32 holds exactly, and LRN's
+    # window sums, where it rounds only the small alpha/n * sum term (model/__init__.py).
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.dtype == "bfloat16"
 
 
 def build_model(cfg: Config, num_classes: int, device: torch.device, channels_last: bool, distributed: bool):
@@ -152,7 +168,9 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, channels_la
     raw_model = AlexNet(num_classes=num_classes, dropout=cfg.dropout).to(device)
     if channels_last:
         raw_model = raw_model.to(memory_format=torch.channels_last)
-    ddp_model = torch.nn.parallel.DistributedDataParallel(raw_model) if distributed else raw_model
+    # No buffer broadcast before every forward: the model's only buffers are LRN's constant band matrices.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    ddp_model = ddp(raw_model, broadcast_buffers=False) if distributed else raw_model
     # Compile the DDP wrapper, not the module inside it: then gradient all-reduces overlap the compiled backward.
     train_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     return raw_model, train_model, torch.compile(raw_model) if cfg.compile else raw_model
@@ -161,15 +179,15 @@ def build_model(cfg: Config, num_classes: int, device: torch.device, channels_la
 def make_optimizer(cfg: Config, model: torch.nn.Module, fused: bool) -> torch.optim.SGD:
     """The paper's SGD. PyTorch's keeps the velocity of g + wd*w and multiplies by lr when stepping; the paper's
     rule puts lr inside the velocity. They differ only for a few steps after an lr drop."""
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=fused)
+    return torch.optim.SGD(parameter_groups(model, cfg.weight_decay, cfg.decay_biases), lr=cfg.lr,
+                           momentum=cfg.momentum, fused=fused)
 
 
 def train_step(model, optimizer, images, labels, autocast) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a batch: (loss, logits), both left on the device (no host sync)."""
     with autocast:
         logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+    loss = F.cross_entropy(logits, labels)  # float32 logits (fc8 computes in float32)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -261,7 +279,10 @@ def main(argv: list[str]) -> None:
     channels_last = cuda and cfg.channels_last
     run = Path(cfg.run)
     ckpt_path, metrics_path = run / "checkpoint.pt", run / "metrics.jsonl"
-    ckpt = torch.load(ckpt_path, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
+    try:
+        ckpt = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    except ValueError as e:
+        raise UsageError(f"{e}; --resume=false starts over") from None
     if master:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.json")
@@ -276,7 +297,10 @@ def main(argv: list[str]) -> None:
     io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
     common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
                   dtype="bfloat16" if bf16 else "float32", num_threads=cfg.num_threads or cpus)
-    val = pipeline.eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
+    try:
+        val = pipeline.eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
+    except ValueError as e:  # a manifest the user must fix (e.g. a shard path outside DATA)
+        raise UsageError(str(e)) from None
 
     # ---- model, optimiser and schedule
     raw_model, train_model, model = build_model(cfg, num_classes, device, channels_last, distributed)
@@ -284,9 +308,13 @@ def main(argv: list[str]) -> None:
     schedule = DropOnPlateau(optimizer, cfg.lr_patience, cfg.max_lr_drops)
     start_epoch, skip, step, carried, rows = 0, 0, 0, [0.0, 0.0, 0.0, 0.0], []
     if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["scheduler"])
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            schedule.load_state_dict(ckpt["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:  # another network, or a checkpoint of an older version
+            raise UsageError(f"{ckpt_path} does not fit this run ({' '.join(str(e).split())[:300]}); "
+                             "--resume=false starts over") from None
         start_epoch, skip, step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
         carried = ckpt["epoch_sums"] if master else carried  # the sums of all ranks, counted once
         changed = sorted(k for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v and k != "resume")
@@ -333,8 +361,12 @@ def main(argv: list[str]) -> None:
 
     # ---- training loader: a new global permutation every epoch (pipeline/order.py), the same global batches on
     # any number of ranks; a resumed run starts at its next global step without reading the ones before
-    loader = pipeline.train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=start_epoch, start_step=skip,
-                                   steps_per_epoch=cfg.max_steps_per_epoch, lighting=cfg.lighting, **common)
+    try:
+        loader = pipeline.train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=start_epoch,
+                                       start_step=skip, steps_per_epoch=cfg.max_steps_per_epoch,
+                                       lighting=cfg.lighting, **common)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     steps = loader.order.steps_per_epoch
 
     # ---- loop

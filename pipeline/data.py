@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import shard_path
+
 FORMAT = 2  # the shard format version (docs/FORMAT.md) these pipelines read
 SIZE = 256  # px, side of every stored image
 CROP = 224  # px, side of the network input
@@ -71,7 +73,7 @@ def read_split(data: str | os.PathLike, split: str, manifest: dict | None = None
     shards = splits[split]["shards"]
     if not shards:
         raise ValueError(f"{data}: split {split!r} has no shards")
-    tars = [str(Path(data) / s["file"]) for s in shards]
+    tars = [str(shard_path(data, s["file"])) for s in shards]  # never a file outside DATA
     indexes = [str(Path(t).with_suffix(".idx")) for t in tars]
     if check:
         for tar, idx, shard in zip(tars, indexes, shards):

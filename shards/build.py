@@ -156,7 +156,7 @@ def convert_chunk(job):
                 data = item.read()
             except OSError as e:
                 raise image.Rejected(f"cannot read: {e}") from None
-            jpeg, pixels, what = image.prepare(data, quality)
+            jpeg, what = image.prepare(data, quality)
         except image.Rejected as e:
             rejected.append({"position": position, "source": item.source, "reason": str(e)})
             continue
@@ -167,8 +167,8 @@ def convert_chunk(job):
         if what:
             converted.append({"position": position, "source": item.source, "what": ", ".join(what)})
         samples.append((position, item.key, item.label, jpeg))
-        if sums is not None:
-            add_pixel_sums(sums, pixels)
+        if sums is not None:  # of the pixels the pipelines decode: the JPEG's, not those before encoding
+            add_pixel_sums(sums, image.decoded_pixels(jpeg))
     return shard_name, samples, rejected, converted, sums
 
 

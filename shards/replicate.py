@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from config import UsageError, parse_config, run_main
+from runtime import shard_path
 from shards.build import atomic_write
 
 MANIFEST, STATS = "manifest.json", "stats.npz"
@@ -31,15 +32,15 @@ def replicate(data: Path, out: Path, copies: int) -> dict:
         raise UsageError(f"{data} is already replicated: replicate the original shards")
     out.mkdir(parents=True, exist_ok=True)
     for name, split in manifest["splits"].items():
-        originals = list(split["shards"])
+        originals = [(shard, shard_path(data, shard["file"])) for shard in split["shards"]]
         split["shards"] = []
         for copy in range(copies):
-            for n, shard in enumerate(originals):
+            for n, (shard, source) in enumerate(originals):
                 file = f"{name}/{name}-{copy * len(originals) + n:06d}.tar"
                 for suffix in (".tar", ".idx"):
                     target = out / Path(file).with_suffix(suffix)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(data / Path(shard["file"]).with_suffix(suffix), target)
+                    shutil.copyfile(source.with_suffix(suffix), target)
                 split["shards"].append({**shard, "file": file})
         split["num_samples"] *= copies
         split["num_inputs"] = split.get("num_inputs", split["num_samples"] // copies) * copies
@@ -60,7 +61,10 @@ def replicate_main(argv: list[str]) -> None:
         raise UsageError(f"--copies={cfg.copies}: must be at least 1")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out={out} is not empty")
-    manifest = replicate(data, out, cfg.copies)
+    try:
+        manifest = replicate(data, out, cfg.copies)
+    except ValueError as e:  # a shard path outside DATA
+        raise UsageError(str(e)) from None
     sizes = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"{out}: {cfg.copies} copies of {data}: {sizes} samples (benchmarking only)", file=sys.stderr)
 

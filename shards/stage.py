@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config import UsageError, parse_config, run_main
+from runtime import shard_path
 from shards.verify import verify_shard
 
 MANIFEST = "manifest.json"
@@ -49,17 +50,18 @@ def load_manifest(data: Path) -> dict:
         raise UsageError(f"{path}: not valid JSON ({e})") from None
 
 
-def shard_entries(manifest: dict, splits: str) -> list[dict]:
+def shard_entries(manifest: dict, splits: str, data: Path) -> list[dict]:
     available = manifest.get("splits", {})
     wanted = [s for s in splits.split(",") if s] or list(available)
     for split in wanted:
         if split not in available:
             raise UsageError(f"--splits: no split {split!r} in the manifest (it has {', '.join(available)})")
     entries = [entry for split in wanted for entry in available[split]["shards"]]
-    for entry in entries:
-        file = Path(entry["file"])
-        if file.is_absolute() or ".." in file.parts:
-            raise UsageError(f"manifest lists {entry['file']!r}: shard paths must be relative to the shard directory")
+    for entry in entries:  # relative and inside DATA, so that the copy lands inside --to as well
+        try:
+            shard_path(data, entry["file"])
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     return entries
 
 
@@ -152,7 +154,7 @@ def stage_main(argv: list[str]) -> None:
     to.mkdir(parents=True, exist_ok=True)
     if to.resolve() == data.resolve():
         raise UsageError(f"--to={cfg.to} is the shard directory itself")
-    entries = shard_entries(manifest, cfg.splits)
+    entries = shard_entries(manifest, cfg.splits, data)
     check_same_shard_set(data, to)
     check_space(entries, data, to)
 

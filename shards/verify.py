@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 from config import UsageError, parse_config, run_main
+from runtime import shard_path
 from shards import tario
 
 READ_BYTES = 1 << 22  # hash in 4 MiB reads
@@ -76,7 +77,10 @@ def verify(data: str | Path) -> list[str]:
         if sum(s["num_samples"] for s in entry["shards"]) != entry["num_samples"]:
             problems.append(f"manifest: {split} shard counts do not add up to num_samples={entry['num_samples']}")
         for shard in entry["shards"]:
-            problem = verify_shard(data / shard["file"], shard)
+            try:
+                problem = verify_shard(shard_path(data, shard["file"]), shard)
+            except ValueError as e:  # never read a file outside DATA
+                problem = str(e)
             if problem:
                 problems.append(problem)
     if not (data / "stats.npz").is_file():

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, AlexNet
+from model import LRN_ALPHA, LRN_BETA, LRN_K, LRN_SIZE, AlexNet, TowerLRN
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:
@@ -32,7 +32,9 @@ def test_two_gpu_connectivity():
 
 
 def paper_lrn(a: torch.Tensor, alpha: float, k=2.0, n=5, beta=0.75) -> torch.Tensor:
-    """Section 3.3 written out: b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    """Section 3.3 written out for one GPU's N maps, in float64:
+    b_i = a_i / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta."""
+    a = a.double()
     channels = a.shape[1]
     b = torch.empty_like(a)
     for i in range(channels):
@@ -41,19 +43,64 @@ def paper_lrn(a: torch.Tensor, alpha: float, k=2.0, n=5, beta=0.75) -> torch.Ten
     return b
 
 
-def test_lrn_matches_the_papers_formula():
+def two_tower_lrn(a: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The paper's network: each of the two GPUs normalised its own half of the maps."""
+    return torch.cat([paper_lrn(half, alpha) for half in a.chunk(2, dim=1)], dim=1)
+
+
+def activations(channels: int, scale: float = 200.0, seed: int = 0) -> torch.Tensor:
+    """ReLU outputs; large, so that the normaliser is far from k^beta and a wrong alpha or window would show."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.relu(scale * torch.randn(2, channels, 7, 7, dtype=torch.float64, generator=g))
+
+
+def test_lrn_matches_the_papers_formula_per_tower():
     assert (LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K) == (5, 1e-4, 0.75, 2.0)
     net = AlexNet()
-    # Large activations, so that the normaliser is far from k^beta and a wrong alpha would show.
-    a = torch.relu(200.0 * torch.randn(2, 96, 7, 7, dtype=torch.float64))
-    for norm in (net.features.norm1, net.features.norm2):
+    for norm, channels in ((net.features.norm1, 96), (net.features.norm2, 256)):
+        a = activations(channels)
         got = norm(a)
         # The documented choice: alpha divided by n (cuda-convnet's and PyTorch's convention).
-        torch.testing.assert_close(got, paper_lrn(a, alpha=LRN_ALPHA / LRN_SIZE), rtol=1e-10, atol=1e-10)
-        assert not torch.allclose(got, paper_lrn(a, alpha=LRN_ALPHA), rtol=1e-3)
+        torch.testing.assert_close(got, two_tower_lrn(a, alpha=LRN_ALPHA / LRN_SIZE), rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(got, two_tower_lrn(a, alpha=LRN_ALPHA), rtol=1e-3)
+        assert not torch.allclose(got, paper_lrn(a, alpha=LRN_ALPHA / LRN_SIZE), rtol=1e-3)  # one window over both
     names = list(dict(net.features.named_children()))
     assert names.index("norm1") == names.index("relu1") + 1 and names.index("pool1") == names.index("norm1") + 1
     assert names.index("norm2") == names.index("relu2") + 1 and names.index("pool2") == names.index("norm2") + 1
+
+
+def test_a_towers_normalisation_ignores_the_other_tower():
+    for channels in (96, 256):
+        a = activations(channels)
+        b = a.clone()
+        b[:, channels // 2:] = 1e4  # the second tower's maps, large enough to dominate any window they entered
+        norm = TowerLRN(channels)
+        first, second = norm(a)[:, :channels // 2], norm(b)[:, :channels // 2]
+        assert torch.equal(first, second)
+        assert not torch.allclose(norm(b)[:, channels // 2:], b[:, channels // 2:] / LRN_K ** LRN_BETA, rtol=1e-3)
+
+
+def test_lrn_and_logits_are_float32_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    net = AlexNet(num_classes=10).eval()
+    x = images(2)
+    # Typical conv1 outputs, given to the normalisation in bfloat16 as autocast's convolutions return them.
+    a = activations(96, scale=5.0).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        normalised = net.features.norm1(a)
+        assert net.features.conv1(x).dtype == torch.bfloat16  # autocast is on
+        seen = {}
+        net.classifier.fc8.register_forward_hook(lambda m, i, o: seen.__setitem__("fc8_in", i[0]))
+        logits = net(x)
+    assert normalised.dtype == torch.float32
+    # Here alpha/n * sum is ~1e-3 of k: in bfloat16 (steps of 1/64 near k=2) the normaliser would be k itself.
+    reference = two_tower_lrn(a.double(), alpha=LRN_ALPHA / LRN_SIZE)
+    torch.testing.assert_close(normalised.double(), reference, rtol=1e-6, atol=0)
+    assert not torch.allclose(reference, a.double() / LRN_K ** LRN_BETA, rtol=1e-4)
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        expected = nn.functional.linear(seen["fc8_in"].float(), net.classifier.fc8.weight, net.classifier.fc8.bias)
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_initial_weight_statistics():
@@ -73,7 +120,7 @@ def test_dropout_on_the_outputs_of_fc6_and_fc7_only():
     net = AlexNet(num_classes=10)
     assert not any(isinstance(m, nn.Dropout) for m in net.features.modules())
     kinds = [type(m).__name__ for m in net.classifier.children()]
-    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Float32Linear"]
     seen = {}
     c = net.classifier
     c.fc6.register_forward_hook(lambda m, i, o: seen.__setitem__("fc6_in", i[0].clone()))
@@ -124,4 +171,6 @@ def test_state_dict_round_trip():
     a, b = AlexNet(num_classes=7), AlexNet(num_classes=7)
     b.load_state_dict(a.state_dict())
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
-    assert "features.conv1.weight" in a.state_dict() and "classifier.fc8.bias" in a.state_dict()
+    # Exactly the weights and biases of the eight layers: checkpoints of every version load into every other.
+    layers = [f"features.conv{i}" for i in range(1, 6)] + [f"classifier.fc{i}" for i in range(6, 9)]
+    assert list(a.state_dict()) == [f"{layer}.{p}" for layer in layers for p in ("weight", "bias")]

@@ -187,6 +187,31 @@ def test_mean_subtraction_is_exact_and_follows_crop_and_flip(tmp_path):
     assert np.abs((ca - ch).numpy() - rgb_mean[None, :, None, None]).max() < 1e-3
 
 
+def test_each_patch_is_a_window_of_image_minus_mean_reflected_together(gradient_data, tmp_path):
+    """The crop and reflection of each patch are read from the image's own pixels (its R = x, G = y ramps, through
+    the same data with mean zero); the mean image is not symmetric, so a mean that stays unreflected while the image
+    is reflected, or is cropped elsewhere, shows."""
+    data = shutil.copytree(gradient_data, tmp_path / "data")
+    y, x = np.mgrid[0:256, 0:256].astype(np.float64)
+    mean = np.stack([0.3 * x + 0.1 * y + 7 * c + 0.25 + 10 * np.sin(x / 17 + c) for c in range(3)], axis=-1)
+    assert np.abs(mean - mean[:, ::-1]).max() > 50 and np.abs(mean - mean[::-1]).max() > 20
+    shardkit.set_stats(data, mean_image=mean)
+    image = shardkit.read_samples(data, "train")[0][0].astype(np.float64)  # every sample is this image
+    plain, _ = next(iter(train_loader(gradient_data, 40, lighting=0, seed=7, num_threads=2)))
+    centred, _ = next(iter(train_loader(data, 40, lighting=0, seed=7, num_threads=2)))
+    geometry = set()
+    for own, patch in zip(plain.numpy(), centred.numpy().astype(np.float64)):
+        cx, cy, reflected = crop_geometry(own)
+        geometry.add((cx, cy, reflected))
+        window = (image - mean)[cy:cy + CROP, cx:cx + CROP].transpose(2, 0, 1)
+        expected = window[:, :, ::-1] if reflected else window
+        err = np.abs(patch - expected)
+        assert err.mean() < 0.5 and err.max() <= 4, "JPEG decoders may differ by rounding, no more"
+        mean_window = mean[cy:cy + CROP, cx:cx + CROP].transpose(2, 0, 1)
+        assert np.abs(own - patch - (mean_window[:, :, ::-1] if reflected else mean_window)).max() < 1e-3
+    assert {r for _, _, r in geometry} == {False, True} and len(geometry) > 10
+
+
 def test_center_and_ten_crop_equal_numpy_crops(textured_data):
     truth = shardkit.read_samples(textured_data, "val")
     with np.load(textured_data / "stats.npz") as npz:

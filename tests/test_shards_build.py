@@ -166,6 +166,24 @@ def test_stats_file(folders_build):
     assert manifest["stats"]["num_pixels"] == 18 * 256 * 256
 
 
+def test_statistics_are_those_of_the_decoded_jpegs_in_the_shards(folders_build):
+    """The pipelines subtract the mean from decoded JPEGs: the statistics are of exactly those pixels."""
+    _, data, _ = folders_build
+    manifest = json.loads((data / "manifest.json").read_text())
+    decoded = np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), np.float64)
+                        for s in all_samples(data, "train")])
+    flat = decoded.reshape(-1, 3) / 255
+    eigval, eigvec = np.linalg.eigh(np.cov(flat, rowvar=False, bias=True))
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    with np.load(data / "stats.npz") as z:
+        np.testing.assert_allclose(z["mean_image"], decoded.mean(0), rtol=0, atol=1e-11)
+        np.testing.assert_allclose(z["rgb_mean"], decoded.reshape(-1, 3).mean(0), rtol=1e-12)
+        np.testing.assert_allclose(z["pca_eigval"], eigval, rtol=1e-10)
+        np.testing.assert_allclose(np.abs(z["pca_eigvec"].T @ eigvec), np.eye(3), atol=1e-9)  # up to sign
+    np.testing.assert_allclose(manifest["stats"]["pca_eigval"], eigval, rtol=1e-10)
+    np.testing.assert_allclose(manifest["stats"]["rgb_mean"], decoded.reshape(-1, 3).mean(0), rtol=1e-12)
+
+
 def test_same_seed_same_bytes_other_seed_other_order(folders_build, tmp_path):
     raw, data, _ = folders_build
     build.build(build.BuildConfig(raw=str(raw), out=str(tmp_path / "a"), shard_size=5, workers=1))

@@ -120,9 +120,10 @@ def test_ilsvrc2012_real_images_and_devkit_labels(tmp_path, imagenet_sample_dir,
     rotated = [c["source"] for c in manifest["converted"] if "EXIF orientation 6" in c["what"]]
     assert rotated == ["ILSVRC2012_img_train.tar/n02951585.tar/n02951585_can_opener.JPEG"]
     # The published ImageNet values (Krizhevsky et al.; fb.resnet.torch): eigval 0.2175, 0.0188, 0.0045.
-    # On these 1000 images: 0.2044, 0.0177, 0.0045.
+    # On these 1000 images as the shards' JPEGs decode: 0.2045, 0.0168, 0.0042 (before encoding 0.2044, 0.0177,
+    # 0.0045: 4:2:0 chroma at 256 px lowers the two small ones by ~5%).
     eigval = np.array(manifest["stats"]["pca_eigval"])
-    assert np.allclose(eigval, [0.2175, 0.0188, 0.0045], rtol=0.1), eigval
+    assert np.allclose(eigval, [0.2175, 0.0188, 0.0045], rtol=0.12), eigval
     published = np.array([[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]])
     eigvec = np.array(manifest["stats"]["pca_eigvec"])
     assert np.all(np.abs(np.sum(eigvec * published, 0)) > 0.99)  # same components, up to sign

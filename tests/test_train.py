@@ -51,8 +51,13 @@ def call_main(*args) -> int:
     return 0
 
 
+def checkpoint(run) -> dict:
+    """As eval.py and --resume load it: weights_only, so train.py must write nothing else."""
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
 def weights(run) -> dict:
-    return torch.load(run / "checkpoint.pt", map_location="cpu")["model"]
+    return checkpoint(run)["model"]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -86,9 +91,10 @@ def test_writes_config_metrics_curves_and_a_checkpoint_eval_can_load(reference):
         assert {"train_loss", "train_top1_err", "val_top1_err", "val_top5_err", "epoch_time_s"} <= r.keys()
         assert r["val_samples"] == 6 and 0 <= r["val_top1_err"] <= 1
     assert (reference / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    ckpt = torch.load(reference / "checkpoint.pt", map_location="cpu")
+    ckpt = checkpoint(reference)
     assert ckpt["epoch"] == 2 and ckpt["batches_done"] == 0 and ckpt["config"]["epochs"] == 2
     assert {"optimizer", "scheduler", "rng"} <= ckpt.keys()
+    assert [g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]] == [5e-4, 0.0]  # weights, biases
     AlexNet(num_classes=ckpt["num_classes"]).load_state_dict(ckpt["model"])  # what eval.py does
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
 
@@ -97,7 +103,7 @@ def test_writes_config_metrics_curves_and_a_checkpoint_eval_can_load(reference):
 def test_one_epoch_then_resume_equals_two_epochs(data, reference, tmp_path):
     run = tmp_path / "run"
     assert call_main(f"--data={data}", f"--run={run}", *QUICK, "--epochs=1") == 0
-    assert torch.load(run / "checkpoint.pt")["epoch"] == 1
+    assert checkpoint(run)["epoch"] == 1
     assert call_main(f"--data={data}", f"--run={run}", *QUICK) == 0  # same RUN, more epochs: continues
     assert_same_weights(weights(run), weights(reference))
     assert [r["step"] for r in metrics(run)] == [r["step"] for r in metrics(reference)]
@@ -117,7 +123,7 @@ def test_sigterm_checkpoints_exits_75_and_the_rerun_continues_exactly(data, refe
     out, err = process.communicate(timeout=300)
     assert process.returncode == train.EXIT_STOPPED_EARLY == 75, err  # stopped early: rerun to resume
     assert any(line.startswith("preempted:") for line in out.splitlines()), out
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu")
+    ckpt = checkpoint(run)
     assert (ckpt["epoch"], ckpt["batches_done"]) < (2, 0)  # stopped before the end
     AlexNet(num_classes=ckpt["num_classes"]).load_state_dict(ckpt["model"])
     result = run_train(*args)
@@ -133,6 +139,31 @@ def test_a_nan_loss_stops_the_run_with_a_message(data, tmp_path, capsys):
     assert "diverged" in capsys.readouterr().err
     assert not (run / "checkpoint.pt").exists()
     assert not all(math.isfinite(r["loss"]) for r in metrics(run))
+
+
+@pytest.mark.parametrize("decay_biases", [False, True])
+def test_weight_decay_shrinks_the_weights_and_only_optionally_the_biases(decay_biases):
+    """Zero loss gradients: what moves the parameters is the decay alone, through SGD with momentum."""
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=10)
+    groups = train.parameter_groups(model, weight_decay=5e-4, decay_biases=decay_biases)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+    lr, momentum, decay, factor, velocity = 0.01, 0.9, 5e-4, 1.0, 0.0
+    for _ in range(5):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        velocity = momentum * velocity + decay * factor  # the update rule per unit of initial value
+        factor -= lr * velocity
+    assert factor < 1 - 1e-5
+    for name, p in model.named_parameters():
+        decayed = name.endswith(".weight") or decay_biases
+        torch.testing.assert_close(p.detach(), before[name] * (factor if decayed else 1.0), rtol=1e-6, atol=0)
+        if not decayed:
+            assert torch.equal(p.detach(), before[name]), name
 
 
 def test_lr_divided_by_ten_when_val_error_stops_improving_at_most_three_times():
@@ -152,7 +183,7 @@ def test_lr_divided_by_ten_when_val_error_stops_improving_at_most_three_times():
 def test_defaults_are_the_papers_recipe_and_the_demo_preset_yields_to_explicit_options():
     cfg = train.resolve_config([])
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.max_lr_drops,
-            cfg.dropout) == (128, 0.01, 0.9, 5e-4, 90, 3, 0.5)
+            cfg.dropout, cfg.decay_biases) == (128, 0.01, 0.9, 5e-4, 90, 3, 0.5, False)
     demo = train.resolve_config(["--preset=demo"])
     assert all(getattr(demo, k) == v for k, v in train.DEMO.items())
     assert train.resolve_config(["--preset=demo", "--epochs=3"]).epochs == 3
@@ -183,7 +214,7 @@ def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
     epoch = [r for r in metrics(run) if "epoch" in r]
     assert epoch[0]["val_samples"] == 5  # 3 + 2 over the ranks, none twice, none padded
     assert [r["step"] for r in metrics(run) if "epoch" not in r] == [1, 2]  # 2 steps of 2 images per rank
-    assert torch.load(run / "checkpoint.pt")["world_size"] == 2
+    assert checkpoint(run)["world_size"] == 2
 
 
 def torchrun_train(data, run, *args, wait=True):
@@ -214,13 +245,21 @@ def test_two_rank_stop_mid_epoch_then_resume_gives_the_same_epoch(data, tmp_path
     os.kill(int(workers[0]), signal.SIGUSR1)  # one rank only: the ranks agree at the next log interval
     out, err = process.communicate(timeout=300)
     assert process.returncode == 75 and "preempted:" in out, out + err
-    assert torch.load(run / "checkpoint.pt", map_location="cpu")["batches_done"] < 4
+    assert checkpoint(run)["batches_done"] < 4
     resumed = torchrun_train(data, run)
     assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr
     assert_same_weights(weights(run), weights(reference))
     (expected,), (got,) = ([r for r in metrics(x) if "epoch" in r] for x in (reference, run))
     for key in ("train_loss", "train_top1_err", "val_loss", "val_top1_err"):
         assert got[key] == pytest.approx(expected[key], rel=1e-9), key
+
+
+@pytest.mark.gpu
+def test_float32_on_a_gpu_means_float32_not_tf32(data, tmp_path):
+    code = call_main(f"--data={data}", f"--run={tmp_path / 'run'}", "--device=cuda", "--dtype=float32", "--epochs=1",
+                     "--max_steps_per_epoch=1", "--batch_size=4", "--num_threads=1", "--log_interval=1")
+    assert code == 0
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 @pytest.mark.slow
@@ -270,7 +309,7 @@ def test_resume_on_another_number_of_ranks_continues_the_same_batches(data, tmp_
     assert launch(before, data, reference).returncode == 0
     run = tmp_path / "run"
     stop_after_first_step(launch(before, data, run, wait=False), run, before)
-    done = torch.load(run / "checkpoint.pt", map_location="cpu")["batches_done"]
+    done = checkpoint(run)["batches_done"]
     assert 0 < done < 4
     resumed = launch(after, data, run)
     assert resumed.returncode == 0, resumed.stderr
