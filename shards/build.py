@@ -33,6 +33,7 @@ from shards import image, layouts, tario
 FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
 CHUNK = 32  # inputs per worker job: large enough to amortise the IPC, small enough to balance the load
 BUILD_DIR = ".build"  # under DATA: the plan and the per-shard results that `merge` combines
+SUMS = ("sum_image", "pixel_outer", "num_images")  # the exact statistics sums kept per shard in BUILD_DIR
 
 
 @dataclasses.dataclass
@@ -146,7 +147,7 @@ def convert_chunk(job):
     samples, rejected, converted = [], [], []
     size = image.SIZE
     # uint16 holds a sum of up to 257 images of uint8: half the bytes to send back of uint32.
-    sums = {"sum_image": np.zeros((size, size, 3), np.uint16 if len(items) <= 257 else np.uint64), "pixel_sum": np.zeros(3, np.int64),
+    sums = {"sum_image": np.zeros((size, size, 3), np.uint16 if len(items) <= 257 else np.uint64),
             "pixel_outer": np.zeros((3, 3), np.int64), "num_images": 0} if with_stats else None
     for position, item in items:
         try:
@@ -166,19 +167,20 @@ def convert_chunk(job):
             continue
         if what:
             converted.append({"position": position, "source": item.source, "what": ", ".join(what)})
-        samples.append((position, item.key, item.label, jpeg))
+        samples.append((position, tario.sample_record(*sample_members(item.key, item.label, position, jpeg))))
         if sums is not None:  # of the pixels the pipelines decode: the JPEG's, not those before encoding
             add_pixel_sums(sums, image.decoded_pixels(jpeg))
     return shard_name, samples, rejected, converted, sums
 
 
 def add_pixel_sums(sums: dict, pixels: np.ndarray) -> None:
-    """Accumulate one 256x256 RGB image into the exact statistics sums (mean image, RGB sums and products)."""
+    """Accumulate one 256x256 RGB image into the exact statistics sums (mean image, RGB sums of products); the RGB
+    sums themselves are those of the summed image (see `merge`)."""
     sums["sum_image"] += pixels
-    # One contiguous float64 row per channel: six 1-D dot products are 3x faster than a (65536x3)^T matmul.
-    # float64 is exact here: every product is an integer <= 255^2 and a sum over one image stays below 2^53.
-    planes = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.float64)
-    sums["pixel_sum"] += planes.sum(1).astype(np.int64)
+    # One contiguous float64 row per channel (the bytes transposed first, then widened): six 1-D dot products are
+    # 3x faster than a (65536x3)^T matmul. float64 is exact here: every product is an integer <= 255^2 and a sum
+    # over one image stays below 2^53.
+    planes = np.ascontiguousarray(pixels.reshape(-1, 3).T).astype(np.float64)
     for i in range(3):
         for j in range(i, 3):
             product = int(planes[i].dot(planes[j]))
@@ -188,7 +190,7 @@ def add_pixel_sums(sums: dict, pixels: np.ndarray) -> None:
     sums["num_images"] += 1
 
 
-def sample_members(position: int, key: str, label: int, jpeg: bytes):
+def sample_members(key: str, label: int, position: int, jpeg: bytes):
     return key, [("jpg", jpeg), ("cls", str(label).encode()), ("label", np.int32(label).tobytes()),
                  ("pos", np.int32(position).tobytes())]
 
@@ -213,7 +215,7 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
     tar.parent.mkdir(parents=True, exist_ok=True)
     tmp = tar.with_name(tar.name + ".tmp")
     with open(tmp, "wb") as f:
-        sha, index = tario.write_tar(f, [sample_members(*s) for s in samples])
+        sha, index = tario.write_tar(f, [record for _, record in samples])
         f.flush()
         os.fsync(f.fileno())
     result = {"shard": shard.name, "file": shard.file, "num_inputs": len(shard.items), "num_samples": len(samples),
@@ -221,7 +223,7 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
     json_path, npz_path = partial_paths(out, shard)
     if with_stats:
         total = {"sum_image": sum(r[4]["sum_image"].astype(np.uint64) for r in results),
-                 **{k: sum(r[4][k] for r in results) for k in ("pixel_sum", "pixel_outer", "num_images")}}
+                 **{k: sum(r[4][k] for r in results) for k in SUMS[1:]}}
         atomic_savez(npz_path, **total)
     atomic_write(json_path, json.dumps(result, indent=1).encode())
     atomic_write(tar.with_suffix(".idx"), index.encode())
@@ -353,7 +355,7 @@ def merge(out: Path | str) -> dict:
         if s.split == "train":
             with np.load(npz_path) as z:
                 part = {k: z[k] for k in z.files}
-            totals = part if totals is None else {k: totals[k] + part[k] for k in totals}
+            totals = {k: part[k] if totals is None else totals[k] + part[k] for k in SUMS}
     for name, entry in splits.items():
         entry["num_rejected"] = entry["num_inputs"] - entry["num_samples"]
         if entry["num_inputs"] != plan["splits"][name]["num_inputs"]:
@@ -363,7 +365,8 @@ def merge(out: Path | str) -> dict:
     if num_images == 0:
         raise UsageError(f"{out}: every training image was rejected; no statistics can be computed")
     num_pixels = num_images * image.SIZE * image.SIZE
-    rgb_mean, eigval, eigvec = pca(totals["pixel_sum"], totals["pixel_outer"], num_pixels)
+    pixel_sum = totals["sum_image"].sum(axis=(0, 1), dtype=np.uint64)  # exact: integers summed as integers
+    rgb_mean, eigval, eigvec = pca(pixel_sum, totals["pixel_outer"], num_pixels)
     mean_image = totals["sum_image"].astype(np.float64) / num_images
     stats = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": eigval.tolist(), "pca_eigvec": eigvec.tolist(),
              "num_images": num_images, "num_pixels": num_pixels}

@@ -119,8 +119,15 @@ def class_list(wnids, names: dict[str, str]) -> list[dict]:
 
 def files_under(folder: Path) -> list[Path]:
     # Every file is an input, whatever its name: the content decides, and a stray file is listed as rejected
-    # rather than silently left out.
-    return sorted(p for p in folder.iterdir() if p.is_file())
+    # rather than silently left out. scandir: the directory listing says which entries are files, without a stat
+    # each (1.28 million of them in ImageNet's class folders).
+    with os.scandir(folder) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_file())
+
+
+def folders_under(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
 
 
 # --- class folders -------------------------------------------------------------------------------------------------
@@ -135,7 +142,7 @@ def find_names_file(raw: Path) -> Path | None:
 def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
                   flat_val_labels: dict[str, str] | None = None) -> Source:
     train_dir = root / "train"
-    wnids = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    wnids = [p.name for p in folders_under(train_dir)]
     if not wnids:
         raise UsageError(f"{train_dir} has no class folders")
     index = {w: i for i, w in enumerate(wnids)}
@@ -153,7 +160,7 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
                     problems[f] = "no label in LOC_val_solution.csv"
                 entries.append((index_of(index, wnid, f) if wnid else -1, wnid or "", f))
         else:
-            class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            class_dirs = folders_under(folder)
             loose = files_under(folder)
             if loose and not class_dirs:
                 raise UsageError(f"{folder} holds {len(loose)} files but no class folders: expected "

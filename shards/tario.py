@@ -1,7 +1,9 @@
 """Writing a shard: an uncompressed ustar archive of samples and its DALI index (the format of DALI's `wds2idx`).
 
-The tar is written member by member with fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same samples always
+The tar is written sample by sample with fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same samples always
 give the same bytes, and the offsets for the index are known as it is written: no second pass, no `tar` process.
+The build's workers turn each sample into its tar bytes (`sample_record`); the process writing the shard only
+appends them.
 """
 import hashlib
 import tarfile
@@ -12,36 +14,47 @@ INDEX_VERSION = "v1.2"  # first token of a wds2idx index file
 
 
 def member_header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    """The 512-byte ustar header of a regular file `name` of `size` bytes with the fixed metadata above: the bytes
+    Python's tarfile writes for it (tests/test_shards_build.py compares them), built directly because the build
+    writes four members per image."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name {name!r} is longer than 100 bytes")
+    # name, mode, uid, gid, size, mtime, checksum (spaces while summing), type, link name, magic + version,
+    # user and group names, device numbers (empty for a regular file), prefix
+    fields = [encoded.ljust(100, b"\0"), b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size,
+              b"00000000000\0", b" " * 8, b"0", b"\0" * 100, b"ustar\x0000", b"\0" * 80, b"\0" * 155]
+    header = b"".join(fields).ljust(BLOCK, b"\0")
+    checksum = b"%06o\0 " % sum(header)  # over the header with its checksum field as eight spaces
+    return header[:148] + checksum + header[156:]
 
 
-def write_tar(f, samples) -> tuple[str, str]:
-    """Write `samples` ([(key, [(ext, bytes), ...]), ...]) to the binary file `f`; return (sha256, index text)."""
+def sample_record(key: str, members) -> tuple[bytes, list[tuple[str, int, int, str]]]:
+    """One sample's members ([(ext, bytes), ...]) as the tar bytes that hold them (header, data, padding each), and
+    each member's (ext, data offset within those bytes, size, name) for the index."""
+    parts, fields, at = [], [], 0
+    for ext, data in members:
+        name = f"{key}.{ext}"
+        padding = -len(data) % BLOCK
+        parts += [member_header(name, len(data)), data, b"\0" * padding]
+        fields.append((ext, at + BLOCK, len(data), name))
+        at += BLOCK + len(data) + padding
+    return b"".join(parts), fields
+
+
+def write_tar(f, records) -> tuple[str, str]:
+    """Write sample records (see `sample_record`) to the binary file `f` as one tar; return (sha256, index text)."""
     digest = hashlib.sha256()
     pos = 0
     lines = []
-
-    def put(data: bytes):
-        nonlocal pos
+    for data, fields in records:
         f.write(data)
         digest.update(data)
+        lines.append(" ".join(f"{ext} {pos + offset} {size} {name}" for ext, offset, size, name in fields))
         pos += len(data)
-
-    for key, members in samples:
-        fields = []
-        for ext, data in members:
-            name = f"{key}.{ext}"
-            put(member_header(name, len(data)))
-            fields.append(f"{ext} {pos} {len(data)} {name}")
-            put(data)
-            if len(data) % BLOCK:
-                put(b"\0" * (BLOCK - len(data) % BLOCK))
-        lines.append(" ".join(fields))
-    put(b"\0" * (2 * BLOCK))
-    if pos % RECORD:
-        put(b"\0" * (RECORD - pos % RECORD))
+    end = b"\0" * (2 * BLOCK + -(pos + 2 * BLOCK) % RECORD)  # two zero blocks, then zeros to a whole record
+    f.write(end)
+    digest.update(end)
     index = f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines)
     return digest.hexdigest(), index
 

@@ -213,3 +213,20 @@ def test_unknown_layout_is_a_one_line_error(tmp_path):
     assert proc.stderr.startswith("error: ") and "notes.txt" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("build", f"--out={tmp_path / 'data'}", check=False)
     assert proc.returncode == 2 and "--raw" in proc.stderr
+
+
+def test_member_headers_are_the_ones_pythons_tarfile_writes():
+    import tarfile
+
+    from shards.tario import member_header
+
+    def tarfile_header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+    for name in ("a.jpg", "n01440764_10026.jpg", "x" * 96 + ".pos", "ILSVRC2012_val_00000001.label", "é_ü.cls"):
+        for size in (0, 1, 4, 511, 512, 12345, 8 ** 11 - 1):
+            assert member_header(name, size) == tarfile_header(name, size), (name, size)
+    with pytest.raises(ValueError, match="longer than 100"):
+        member_header("y" * 101, 1)
