@@ -70,6 +70,9 @@ RATIOS = (  # (key, numerator, denominator, what it says)
     ("end_to_end_compiled_vs_model_compiled", "end_to_end_compiled", "model_compiled",
      "end to end / model alone, compiled"),
 )
+# Rows whose ratio is a target are measured in one go, their repeats interleaved, so that the machine's load
+# changes hit both alike (preprocess and its naive baseline are one row already).
+TOGETHER = ({"pipeline", "pipeline_webdataset"},)
 SMALL_SPLIT = 5000  # samples: below this an epoch is over within seconds, so repeats see epoch restarts
 
 
@@ -156,6 +159,18 @@ def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, 
     raise AssertionError(key)
 
 
+def measured_together(what: list[str]) -> list[list[str]]:
+    """The requested rows in order, grouped: rows of one TOGETHER set share a group."""
+    groups = []
+    for key in what:
+        group = next((g for g in groups if any({key, g[0]} <= together for together in TOGETHER)), None)
+        if group is None:
+            groups.append([key])
+        else:
+            group.append(key)
+    return groups
+
+
 def label(key: str, fmt: dict) -> str:
     base, _, variant = key.partition("[")
     text = ROWS.get(base, key).format(**fmt)
@@ -163,7 +178,7 @@ def label(key: str, fmt: dict) -> str:
 
 
 def table(results: dict, ratios: dict, fmt: dict) -> str:
-    head = (f"{'measurement':<58} {'images/s':>10} {'low-high':>15} {'per core':>9} {'caller ms':>9} "
+    head = (f"{'measurement':<58} {'images/s':>10} {'low-high':>15} {'per core':>9} {'CPU ms':>7} {'caller':>7} "
             f"{'host MiB':>9} {'GPU MiB':>15}")
     lines = [head, "-" * len(head)]
     for key, r in results.items():
@@ -173,8 +188,8 @@ def table(results: dict, ratios: dict, fmt: dict) -> str:
         gpu = f"{r['gpu_torch_peak_mib']:.0f}/{r['gpu_device_used_mib']:.0f}" if "gpu_torch_peak_mib" in r else "-"
         per_core = f"{r['per_core']:.1f}" if "per_core" in r else ""
         lines.append(f"{label(key, fmt):<58} {r['images_per_s']:>10.1f} {r['low']:>7.0f}-{r['high']:<7.0f} "
-                     f"{per_core:>9} {r['caller_ms_per_image']:>9.3f} {r.get('host_rss_peak_mib', 0):>9.0f} "
-                     f"{gpu:>15}")
+                     f"{per_core:>9} {r['cpu_ms_per_image']:>7.3f} {r['caller_ms_per_image']:>7.3f} "
+                     f"{r.get('host_rss_peak_mib', 0):>9.0f} {gpu:>15}")
     if ratios:
         lines += ["", f"{'ratio (medians)':<58} {'x':>10}", "-" * 69]
         lines += [f"{text:<58} {ratios[key]:>10.2f}" for key, _, _, text in RATIOS if key in ratios]
@@ -207,15 +222,20 @@ def main(argv):
     fmt = dict(threads=threads, cores=available_cpus(), device=device.type,
                ffcv=package_version("ffcv") or "")
     results = {}
-    for key in what:
-        print(f"measuring {key} ...", file=sys.stderr, flush=True)
-        works = row_works(key, cfg, manifest, device, batch, threads)
-        if isinstance(works, str):
-            results[key] = {"skipped": works}
-            print(f"  {works}", file=sys.stderr)
+    for group in measured_together(what):
+        print(f"measuring {' and '.join(group)} ...", file=sys.stderr, flush=True)
+        works = {}
+        for key in group:
+            row = row_works(key, cfg, manifest, device, batch, threads)
+            if isinstance(row, str):
+                results[key] = {"skipped": row}
+                print(f"  {key}: {row}", file=sys.stderr)
+            else:
+                works.update(row)
+        if not works:
             continue
         rates = measure(works, seconds=cfg.seconds, repeats=cfg.repeats, device=device,
-                        warmup_units=1 if key == "eval_tencrop" else 2)
+                        warmup_units=1 if "eval_tencrop" in group else 2)
         for name, rate in rates.items():
             results[name] = rate.as_dict()
             if name.startswith("preprocess"):

@@ -6,8 +6,10 @@ time (at least two units: pipelines fill their queues, workers start, cuDNN pick
 the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed repeats, the works
 interleaved repeat by repeat so that a change in the machine's load hits them alike. A repeat is timed on the host
 clock after the device has finished its queued work (torch.cuda.synchronize), so GPU work still queued is
-inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside it,
-the CPU time the calling thread spent per image: on a GPU that thread also drives the training step.
+inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside it, the
+CPU time per image of this process and every process it started (workers included; a shared machine's load
+distorts it less than the wall clock), and of the calling thread alone: on a GPU that thread also drives the
+training step.
 """
 import contextlib
 import os
@@ -37,12 +39,14 @@ class Rate:
     high: float
     repeats: int
     units_per_repeat: int
+    cpu_ms_per_image: float  # CPU time of this process and its descendants per image (median over the repeats)
     caller_ms_per_image: float  # CPU time of the calling thread per image (median over the repeats)
     memory: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"images_per_s": self.median, "low": self.low, "high": self.high, "repeats": self.repeats,
-                "units_per_repeat": self.units_per_repeat, "caller_ms_per_image": self.caller_ms_per_image,
+                "units_per_repeat": self.units_per_repeat, "cpu_ms_per_image": self.cpu_ms_per_image,
+                "caller_ms_per_image": self.caller_ms_per_image,
                 **self.memory}
 
 
@@ -67,19 +71,43 @@ def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("c
             elapsed += time.perf_counter() - start
             done += 1
         units[name] = max(1, round(span / (elapsed / done)))
-    rates, caller = {name: [] for name in works}, {name: [] for name in works}
+    rates, cpu, caller = ({name: [] for name in works} for _ in range(3))
     memory = {name: {} for name in works}
     for _ in range(repeats):
         for name, work in works.items():
             with track_peak(memory[name], device):
                 sync(device)
-                start, start_cpu = time.perf_counter(), time.thread_time()
+                start, start_tree, start_thread = time.perf_counter(), tree_cpu_seconds(), time.thread_time()
                 images = work(units[name])
                 sync(device)
                 rates[name].append(images / (time.perf_counter() - start))
-                caller[name].append(1000 * (time.thread_time() - start_cpu) / images)
-    return {name: Rate(statistics.median(r), min(r), max(r), repeats, units[name], statistics.median(caller[name]),
-                       memory[name]) for name, r in rates.items()}
+                cpu[name].append(1000 * (tree_cpu_seconds() - start_tree) / images)
+                caller[name].append(1000 * (time.thread_time() - start_thread) / images)
+    return {name: Rate(statistics.median(r), min(r), max(r), repeats, units[name], statistics.median(cpu[name]),
+                       statistics.median(caller[name]), memory[name]) for name, r in rates.items()}
+
+
+def tree_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of every living process descending from it (Linux /proc).
+
+    Children that ended within a span are missed; the rows' workers live through their measurement."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parents, seconds = {}, {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended while being read
+            parents[int(entry.name)] = int(fields[1])
+            seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    mine, total = os.getpid(), 0.0
+    for pid, cpu in seconds.items():
+        ancestor = pid
+        while ancestor not in (mine, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        total += cpu if ancestor == mine else 0.0
+    return total
 
 
 def endless(loader):

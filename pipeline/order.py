@@ -15,12 +15,14 @@ is full and every rank takes the same share: DDP's gradient average is then the 
 Samples are read straight from the shard tars through their DALI index (`.idx`) offsets, one `os.pread` per sample
 covering its `.jpg`, `.cls`, `.label` and `.pos` members (docs/FORMAT.md). Nothing here imports DALI or torch.
 """
+import collections
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 OFFSETS = 32  # a 224x224 crop of a 256x256 image may start at 0..32 in x and y
+KEEP_BATCHES = 8  # batches kept alive after they were handed to DALI without a copy (more than it queues ahead)
 MEMBERS = ("jpg", "cls", "label", "pos")  # every sample's members, in tar order (docs/FORMAT.md)
 
 
@@ -33,14 +35,10 @@ class SampleTable:
     jpeg_size: np.ndarray  # int32 [N]
     label_at: np.ndarray  # int32 [N]: offset of the .label data, relative to `start`
     pos_at: np.ndarray  # int32 [N]: offset of the .pos data, relative to `start`
+    span: np.ndarray  # int32 [N]: bytes to read: from the .jpg data to the end of the .pos data
 
     def __len__(self) -> int:
         return len(self.start)
-
-    @property
-    def span(self) -> np.ndarray:
-        """Bytes to read per sample: from its .jpg data to the end of its .pos data."""
-        return self.pos_at + 4
 
 
 def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
@@ -62,8 +60,9 @@ def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
                 jpeg_size.append(size)
                 label_at.append(label[0] - jpg)
                 pos_at.append(pos[0] - jpg)
+    pos_at = np.array(pos_at, np.int32)
     return SampleTable(tuple(tars), np.array(shard, np.int32), np.array(start, np.int64),
-                       np.array(jpeg_size, np.int32), np.array(label_at, np.int32), np.array(pos_at, np.int32))
+                       np.array(jpeg_size, np.int32), np.array(label_at, np.int32), pos_at, pos_at + 4)
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ class SampleReader:
         """
         t = self.table
         spans = t.span[samples]
-        rows = np.zeros((len(samples), int(spans.max())), np.uint8)
+        rows = np.empty((len(samples), int(spans.max())), np.uint8)  # bytes past a row's span are never read
         for row, shard, start, span in zip(rows, t.shard[samples].tolist(), t.start[samples].tolist(),
                                            spans.tolist()):
             if os.preadv(self._fd(shard), [row[:span]], start) != span:
@@ -177,6 +176,7 @@ class TrainSource:
         self.lighting = (np.asarray(eigvec, np.float64) * np.asarray(eigval, np.float64)).T * 255  # alpha -> shift
         self.rgb_mean = None if rgb_mean is None else np.asarray(rgb_mean, np.float32)
         self._epoch, self._permutation = -1, None
+        self._handed_over = collections.deque(maxlen=KEEP_BATCHES)
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
         if epoch != self._epoch:
@@ -189,4 +189,6 @@ class TrainSource:
         aug = self.order.augmentation(epoch, step)
         shift = (aug.alpha.astype(np.float64) @ self.lighting).astype(np.float32)
         offset = -shift if self.rgb_mean is None else self.rgb_mean - shift
-        return rows, sizes[:, None], labels, positions, np.stack([aug.crop_x, aug.crop_y], 1), aug.mirror, offset
+        batch = rows, sizes[:, None], labels, positions, np.stack([aug.crop_x, aug.crop_y], 1), aug.mirror, offset
+        self._handed_over.append(batch)
+        return batch

@@ -52,7 +52,7 @@ def read_source(source, parallel):
     """
     rows, size, labels, index, crop, mirror, offset = fn.external_source(
         source=source, num_outputs=len(SOURCE_TYPES), batch=True, batch_info=True, parallel=parallel,
-        dtype=SOURCE_TYPES, ndim=SOURCE_NDIM, **({"prefetch_queue_depth": 2} if parallel else {}))
+        dtype=SOURCE_TYPES, ndim=SOURCE_NDIM, no_copy=True, **({"prefetch_queue_depth": 2} if parallel else {}))
     jpegs = fn.slice(rows, start=[0], shape=size, axes=[0])  # each row holds more than its JPEG: cut it to size
     return jpegs, labels, index, crop[0], crop[1], mirror, offset
 
