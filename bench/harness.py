@@ -88,9 +88,8 @@ def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("c
 
 
 def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and of every living process descending from it (Linux /proc).
-
-    Children that ended within a span are missed; the rows' workers live through their measurement."""
+    """User + system CPU seconds of this process, of every living process descending from it (Linux /proc), and
+    of the children it has waited for (a row's commands, which end within the span)."""
     tick = os.sysconf("SC_CLK_TCK")
     parents, seconds = {}, {}
     for entry in os.scandir("/proc"):
@@ -101,7 +100,8 @@ def tree_cpu_seconds() -> float:
                 continue  # ended while being read
             parents[int(entry.name)] = int(fields[1])
             seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
-    mine, total = os.getpid(), 0.0
+    waited = resource.getrusage(resource.RUSAGE_CHILDREN)
+    mine, total = os.getpid(), waited.ru_utime + waited.ru_stime
     for pid, cpu in seconds.items():
         ancestor = pid
         while ancestor not in (mine, 0, 1) and ancestor in parents:
