@@ -235,7 +235,7 @@ def main(argv):
         if not works:
             continue
         rates = measure(works, seconds=cfg.seconds, repeats=cfg.repeats, device=device,
-                        warmup_units=1 if "eval_tencrop" in group else 2)
+                        warmup_units=0 if "eval_tencrop" in group else 2)
         for name, rate in rates.items():
             results[name] = rate.as_dict()
             if name.startswith("preprocess"):

@@ -58,10 +58,13 @@ def sync(device: torch.device) -> None:
 def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("cpu"),
             warmup_units: int = 2) -> dict[str, Rate]:
     """{name: Rate} of each `work(n) -> images` (see the module docstring); `warmup_units`: at least this many
-    units of warm-up (1 for a unit that is a whole pass over a split)."""
+    units of warm-up; 0: none and one unit per repeat, for a unit that is a whole pass over a split and warms up
+    before its work is returned."""
     span = seconds / repeats
-    units = {}
+    units = {name: 1 for name in works} if warmup_units == 0 else {}
     for name, work in works.items():
+        if warmup_units == 0:
+            break
         done, elapsed = 0, 0.0
         while done < warmup_units or elapsed < span:
             sync(device)

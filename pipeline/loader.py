@@ -105,17 +105,14 @@ class EvalLoader(Loader):
     def __init__(self, pipe, *, num_samples: int, **batch_options):
         super().__init__(**batch_options)
         self.pipe = pipe
+        self.pipe.build()
         self.num_samples = num_samples  # real samples this rank yields per epoch
         self._left = 0  # batches of the current epoch not yet read from the pipeline
-        self._built = False
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self):
-        if not self._built:
-            self.pipe.build()
-            self._built = True
         self._drain()  # an abandoned epoch: read its rest so that this one starts on its first sample
         self._left = self._reader_batches()
         for step in range(len(self)):
