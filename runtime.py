@@ -20,7 +20,7 @@ CHECKPOINT_CONTENT = "tensors, numbers, strings, lists and dicts"
 
 
 def available_cpus() -> int:
-    """CPUs this process may use: the smallest of its affinity mask, its cgroup's CPU quota and Slurm's allocation.
+    """CPUs this process may use: the smallest of its affinity mask, its cgroups' CPU quotas and Slurm's allocation.
 
     Sites that do not confine a job's cores leave the affinity mask at the whole node; the cgroup quota and
     SLURM_CPUS_ON_NODE then still say what the job was given.
@@ -35,15 +35,24 @@ def available_cpus() -> int:
     return max(1, min(counts))
 
 
-def cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
-    """CPUs allowed by a cgroup v2 `cpu.max` quota (rounded down, at least 1), or None when there is no quota."""
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> int | None:
+    """CPUs allowed by the cgroup v2 `cpu.max` quota of this process's cgroup and those above it (rounded down, at
+    least 1), or None when none sets one. cgroup v1 quotas are not read."""
     try:
-        quota, period = path.read_text().split()[:2]
-    except (OSError, ValueError):
+        line = next(line for line in membership.read_text().splitlines() if line.startswith("0::"))
+    except (OSError, StopIteration):
         return None
-    if quota == "max":
-        return None
-    return max(1, int(quota) // int(period))
+    folder, quotas = root / line[3:].lstrip("/"), []
+    while True:
+        try:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+            if quota != "max":
+                quotas.append(max(1, int(quota) // int(period)))
+        except (OSError, ValueError):
+            pass
+        if folder == root:
+            return min(quotas, default=None)
+        folder = folder.parent
 
 
 def limit_threads(threads: int) -> None:

@@ -316,7 +316,15 @@ def main(argv: list[str]) -> None:
             raise UsageError(f"{ckpt_path} does not fit this run ({' '.join(str(e).split())[:300]}); "
                              "--resume=false starts over") from None
         start_epoch, skip, step = ckpt["epoch"], ckpt["batches_done"], ckpt["step"]
-        carried = ckpt["epoch_sums"] if master else carried  # the sums of all ranks, counted once
+        # Loss, correct and images are sums over all ranks, carried once by rank 0; the seconds are the ranks' mean,
+        # which the epoch's end divides by the number of ranks again.
+        loss_sum, correct, images, seconds = ckpt["epoch_sums"]
+        carried = [loss_sum, correct, images, seconds * world_size] if master else carried
+        moved = [k for k in ("batch_size", "seed") if skip and ckpt["config"].get(k) != getattr(cfg, k)]
+        if moved:  # batches_done counts batches of the old order, which these options change
+            raise UsageError(f"{ckpt_path} stopped in the middle of epoch {start_epoch + 1} with another "
+                             f"{' and '.join('--' + k for k in moved)}: resume with the checkpoint's value (the "
+                             "order of that epoch depends on it)")
         changed = sorted(k for k, v in ckpt["config"].items() if asdict(cfg).get(k) != v and k != "resume")
         if ckpt["world_size"] != world_size:  # the global batches stay the same: the epoch simply continues
             changed.append(f"ranks {ckpt['world_size']} -> {world_size}")
@@ -335,6 +343,7 @@ def main(argv: list[str]) -> None:
 
     def checkpoint(epochs_done: int, batches_done: int, epoch_sums: torch.Tensor) -> None:
         totals = all_sum(epoch_sums, device).tolist()  # every rank's part of the interrupted epoch
+        totals[3] /= world_size  # seconds: the ranks' mean (each rank timed the same steps)
         rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
         rngs = [None] * world_size
         if distributed:

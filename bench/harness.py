@@ -1,9 +1,9 @@
 """The one timing method every row uses, and what is recorded next to it (machine, memory).
 
 `measure({name: work, ...})`: each `work(n)` does n units of work (batches, training steps, whole commands) and
-returns the images it processed. A warm-up runs every work until it has taken at least a repeat's share of the
-time (at least two units: pipelines fill their queues, workers start, cuDNN picks its algorithms); its pace sets
-the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed repeats, the works
+returns the images it processed. A warm-up runs a first unit (pipelines fill their queues, workers start, cuDNN
+picks its algorithms, torch.compile and FFCV compile), then more until they have taken a repeat's share of the time;
+their pace sets the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed repeats, the works
 interleaved repeat by repeat so that a change in the machine's load hits them alike. A repeat is timed on the host
 clock after the device has finished its queued work (torch.cuda.synchronize), so GPU work still queued is
 inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside it, the
@@ -65,7 +65,8 @@ def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("c
     for name, work in works.items():
         if warmup_units == 0:
             break
-        done, elapsed = 0, 0.0
+        work(1)  # the first unit compiles, autotunes and fills queues: it does not set the pace
+        done, elapsed = 1, 0.0
         while done < warmup_units or elapsed < span:
             sync(device)
             start = time.perf_counter()
@@ -73,19 +74,21 @@ def measure(works: dict, *, seconds: float, repeats: int, device=torch.device("c
             sync(device)
             elapsed += time.perf_counter() - start
             done += 1
-        units[name] = max(1, round(span / (elapsed / done)))
+        units[name] = max(1, round(span / (elapsed / (done - 1))))
     rates, cpu, caller = ({name: [] for name in works} for _ in range(3))
     memory = {name: {} for name in works}
     for _ in range(repeats):
         for name, work in works.items():
             with track_peak(memory[name], device):
                 sync(device)
-                start, start_tree, start_thread = time.perf_counter(), tree_cpu_seconds(), time.thread_time()
+                start_tree, start_thread = tree_cpu_seconds(), time.thread_time()  # not inside the timed span
+                start = time.perf_counter()
                 images = work(units[name])
                 sync(device)
-                rates[name].append(images / (time.perf_counter() - start))
-                cpu[name].append(1000 * (tree_cpu_seconds() - start_tree) / images)
+                elapsed = time.perf_counter() - start
                 caller[name].append(1000 * (time.thread_time() - start_thread) / images)
+                cpu[name].append(1000 * (tree_cpu_seconds() - start_tree) / images)
+                rates[name].append(images / elapsed)
     return {name: Rate(statistics.median(r), min(r), max(r), repeats, units[name], statistics.median(cpu[name]),
                        statistics.median(caller[name]), memory[name]) for name, r in rates.items()}
 

@@ -47,7 +47,7 @@ def source(data, batch):
     split, stats = read_split(data, "train"), read_stats(data)
     table = read_table(split.tars, split.indexes)
     train_source = TrainSource(GlobalOrder(len(table), batch, 1, 0, 0, 0.1), table, 0, eigval=stats.pca_eigval,
-                               eigvec=stats.pca_eigvec, rgb_mean=None)
+                               eigvec=stats.pca_eigvec, rgb_mean=None, keep_batches=0)
     iterations = itertools.count()
 
     def work(n: int) -> int:

@@ -83,6 +83,8 @@ class TrainLoader(Loader):
         self._in_epoch = False  # a `for` is under way (or was abandoned)
 
     def __len__(self) -> int:
+        if self._in_epoch:  # during a `for`, or after one left early: the next `for` is a whole epoch
+            return self.order.steps_per_epoch
         return self.order.steps_per_epoch - self.step
 
     def __iter__(self):
@@ -168,7 +170,7 @@ def _pipeline_options(device, batch_size, num_threads, prefetch):
 
 
 def default_reader_workers(device: torch.device) -> int:
-    """Processes reading training samples beside DALI. None on a CPU: there the source's ~13 us per sample in the
+    """Processes reading training samples beside DALI. 0 on a CPU: there the source's ~13 us per sample in the
     calling thread cost less than handing samples over from other processes. A few on a GPU, where the calling
     thread also drives the training step and tens of thousands of samples per second are read."""
     return 0 if device.type == "cpu" else 4
@@ -212,11 +214,14 @@ def train_loader(data, batch_size: int, *, device="cpu", rank: int = 0, world_si
     gpu = device.type == "cuda"
 
     def make_pipe(first_step: int):
+        # In this process the source's batches are read by DALI in place for up to `prefetch` iterations; from
+        # worker processes they arrive copied into shared memory.
         source = TrainSource(order, table, first_step, eigval=stats.pca_eigval, eigvec=stats.pca_eigvec,
-                             rgb_mean=stats.rgb_mean if mean == "channel" else None)
-        # Worker processes are forked on a CPU; with CUDA already initialised in this process they must be spawned.
-        workers_options = dict(py_num_workers=workers, py_start_method="spawn" if gpu else "fork") if workers else {}
-        return pipelines.train(source, mean_image=stats.mean_image, mean=mean, parallel=workers > 0, gpu=gpu,
+                             rgb_mean=stats.rgb_mean if mean == "channel" else None,
+                             keep_batches=0 if workers else prefetch + 2)
+        # Spawned, not forked: a fork would copy this process's threads' state (CUDA, DALI, torch) mid-flight.
+        workers_options = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
+        return pipelines.train(source, mean_image=stats.mean_image, mean=mean, reader_workers=workers, gpu=gpu,
                                dtype="float16" if dtype == "float16" else "float32", channels_last=channels_last,
                                hw_decoder_load=hw_decoder_load, seed=0, **workers_options,
                                **_pipeline_options(device, order.per_rank, num_threads, prefetch))

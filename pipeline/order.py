@@ -12,18 +12,24 @@ An epoch has N // B global steps (N: samples in the split). The last N % B sampl
 (fewer than one batch, a different random set every epoch) are left out of that epoch, so that every global batch
 is full and every rank takes the same share: DDP's gradient average is then the gradient of the whole batch.
 
-Samples are read straight from the shard tars through their DALI index (`.idx`) offsets, one `os.pread` per sample
+Samples are read straight from the shard tars through their DALI index (`.idx`) offsets, one `os.preadv` per sample
 covering its `.jpg`, `.cls`, `.label` and `.pos` members (docs/FORMAT.md). Nothing here imports DALI or torch.
 """
 import collections
+import ctypes
+import multiprocessing
 import os
+import signal
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
-OFFSETS = 32  # a 224x224 crop of a 256x256 image may start at 0..32 in x and y
-KEEP_BATCHES = 8  # batches kept alive after they were handed to DALI without a copy (more than it queues ahead)
-MEMBERS = ("jpg", "cls", "label", "pos")  # every sample's members, in tar order (docs/FORMAT.md)
+from pipeline.data import CROP, SIZE
+from runtime import limit_threads
+
+OFFSETS = SIZE - CROP  # 32: a crop may start at 0..32 in x and y
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
                     (jpg, size), label, pos = members["jpg"], members["label"], members["pos"]
                 except KeyError as e:
                     raise ValueError(f"{idx}: a sample without a .{e.args[0]} member") from None
+                if not jpg < label[0] < pos[0]:  # one read covers a sample: .jpg first, .pos last (FORMAT.md)
+                    raise ValueError(f"{idx}: a sample's members are not in the order .jpg .cls .label .pos")
                 shard.append(number)
                 start.append(jpg)
                 jpeg_size.append(size)
@@ -128,9 +136,13 @@ class SampleReader:
     def __init__(self, table: SampleTable):
         self.table = table
         self._fds: dict[int, int] = {}
+        weakref.finalize(self, close_all, self._fds)
 
     def __getstate__(self):  # a worker process opens its own descriptors
-        return {"table": self.table, "_fds": {}}
+        return {"table": self.table}
+
+    def __setstate__(self, state):
+        self.__init__(state["table"])
 
     def read(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(rows, jpeg sizes, labels, positions): row i holds sample i's JPEG in its first `size[i]` bytes.
@@ -143,9 +155,18 @@ class SampleReader:
         rows = np.empty((len(samples), int(spans.max())), np.uint8)  # bytes past a row's span are never read
         for row, shard, start, span in zip(rows, t.shard[samples].tolist(), t.start[samples].tolist(),
                                            spans.tolist()):
-            if os.preadv(self._fd(shard), [row[:span]], start) != span:
-                raise OSError(f"{t.tars[shard]}: ends before byte {start + span}, where its index puts a sample")
+            self._read_into(row[:span], shard, start)
         return rows, t.jpeg_size[samples], self._int32_at(rows, t.label_at[samples]), self._int32_at(rows, t.pos_at[samples])
+
+    def _read_into(self, buffer: np.ndarray, shard: int, start: int) -> None:
+        """Fill `buffer` from byte `start` of the shard; a network filesystem may return fewer bytes per call."""
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self._fd(shard), [buffer[done:]], start + done)
+            if got == 0:
+                raise OSError(f"{self.table.tars[shard]}: ends before byte {start + len(buffer)}, where its index "
+                              "puts a sample")
+            done += got
 
     def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
@@ -160,6 +181,29 @@ class SampleReader:
         return np.ascontiguousarray(raw).view("<i4")[:, 0]
 
 
+def close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def become_reader_worker() -> None:
+    """Set up a process that DALI started to run the source (a reader worker).
+
+    Slurm sends its stop signals (SIGTERM at preemption, SIGUSR1 before the time limit) to every process of the job
+    step. They are meant for the trainer, which stops at its next sync point and needs these workers until then: a
+    worker ignores them, ends when its pipeline closes it, and is killed if the trainer's process ends first.
+    It also keeps to one thread of numeric work: DALI's threads and the training loop share the rank's cores.
+    """
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker still ends with its pipeline
+        pass
+    limit_threads(1)
+
+
 class TrainSource:
     """DALI external_source callback: global step -> this rank's samples and their augmentation, as numpy.
 
@@ -171,12 +215,18 @@ class TrainSource:
     """
 
     def __init__(self, order: GlobalOrder, table: SampleTable, first_step: int, *, eigval: np.ndarray,
-                 eigvec: np.ndarray, rgb_mean: np.ndarray | None):
+                 eigvec: np.ndarray, rgb_mean: np.ndarray | None, keep_batches: int):
         self.order, self.reader, self.first_step = order, SampleReader(table), first_step
         self.lighting = (np.asarray(eigvec, np.float64) * np.asarray(eigval, np.float64)).T * 255  # alpha -> shift
         self.rgb_mean = None if rgb_mean is None else np.asarray(rgb_mean, np.float32)
         self._epoch, self._permutation = -1, None
-        self._handed_over = collections.deque(maxlen=KEEP_BATCHES)
+        # DALI reads a batch in place (no copy) until it has run the iterations it queues ahead: keep it alive.
+        self._handed_over = collections.deque(maxlen=keep_batches)
+
+    def __setstate__(self, state):  # unpickled in a reader worker that DALI spawned
+        self.__dict__.update(state)
+        if multiprocessing.parent_process() is not None:
+            become_reader_worker()
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
         if epoch != self._epoch:

@@ -44,15 +44,18 @@ def read_in_order(tars, indexes, *, shard_id, num_shards, dont_use_mmap, read_ah
     return jpegs, fn.reshape(labels, shape=[]), fn.reshape(index, shape=[])
 
 
-def read_source(source, parallel):
+def read_source(source, reader_workers):
     """The training samples of each step and their augmentation, from `source` (see order.TrainSource).
 
-    `parallel`: the source runs in DALI's Python worker processes (the pipeline's `py_num_workers`), a few steps
-    ahead, instead of in the calling thread.
+    With `reader_workers`, the source runs in that many of DALI's Python worker processes (the pipeline's
+    `py_num_workers`), each preparing a batch ahead, instead of in the calling thread. Either way DALI reads the
+    batch arrays without copying them.
     """
+    # One batch is one task, and DALI keeps at most prefetch_queue_depth of them under way: at least one per worker.
+    parallel = dict(parallel=True, prefetch_queue_depth=max(2, reader_workers)) if reader_workers else {}
     rows, size, labels, index, crop, mirror, offset = fn.external_source(
-        source=source, num_outputs=len(SOURCE_TYPES), batch=True, batch_info=True, parallel=parallel,
-        dtype=SOURCE_TYPES, ndim=SOURCE_NDIM, no_copy=True, **({"prefetch_queue_depth": 2} if parallel else {}))
+        source=source, num_outputs=len(SOURCE_TYPES), batch=True, batch_info=True, dtype=SOURCE_TYPES,
+        ndim=SOURCE_NDIM, no_copy=True, **parallel)
     jpegs = fn.slice(rows, start=[0], shape=size, axes=[0])  # each row holds more than its JPEG: cut it to size
     return jpegs, labels, index, crop[0], crop[1], mirror, offset
 
@@ -132,14 +135,14 @@ def patch(jpegs, gpu, x, y, *, mirror=0, offset=None, mean, mean_image, rgb_mean
 
 
 @pipeline_def
-def train(source, *, mean_image, mean="pixel", parallel=False, gpu=False, dtype="float32", channels_last=False,
+def train(source, *, mean_image, mean="pixel", reader_workers=0, gpu=False, dtype="float32", channels_last=False,
           hw_decoder_load=None):
     """Random 224x224 crop (33x33 positions), reflection with p=0.5, mean subtraction, PCA lighting.
 
     The source draws each sample's crop position, reflection and lighting; `offset` is the per-channel value
     subtracted after the (per-pixel) mean: minus the lighting shift, or the RGB mean minus it.
     """
-    jpegs, labels, index, x, y, mirror, offset = read_source(source, parallel)
+    jpegs, labels, index, x, y, mirror, offset = read_source(source, reader_workers)
     images = patch(jpegs, gpu, x, y, mirror=mirror, offset=offset, mean=mean, mean_image=mean_image,
                    rgb_mean=None, dtype=dtype, channels_last=channels_last, hw_decoder_load=hw_decoder_load)
     return images, output_labels(labels, gpu), index

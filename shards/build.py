@@ -281,7 +281,6 @@ def build(cfg: BuildConfig) -> dict | None:
     if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
         raise UsageError(f"--task_index={cfg.task_index} --num_tasks={cfg.num_tasks}: need 0 <= task_index < num_tasks")
     workers = cfg.workers if cfg.workers > 0 else available_cpus()
-    limit_threads(1)  # the main process writes tars beside the workers; with one worker it converts too
     out = Path(cfg.out)
     start = time.perf_counter()
     source = layouts.detect(cfg.raw, workers, cache=out / BUILD_DIR)
@@ -400,6 +399,7 @@ def summary_table(manifest: dict) -> str:
 
 
 def build_main(argv: list[str]) -> None:
+    limit_threads(1)  # this process writes tars beside the workers; with one worker it converts too
     build(parse_config(BuildConfig, argv, description=__doc__))
 
 

@@ -29,7 +29,7 @@ class ReplicateConfig:
 def replicate(data: Path, out: Path, copies: int) -> dict:
     manifest = json.loads((data / MANIFEST).read_text())
     if manifest.get("params", {}).get("replicated", 1) != 1:
-        raise UsageError(f"{data} is already replicated: replicate the original shards")
+        raise ValueError(f"{data} is already replicated: replicate the original shards")
     out.mkdir(parents=True, exist_ok=True)
     for name, split in manifest["splits"].items():
         originals = [(shard, shard_path(data, shard["file"])) for shard in split["shards"]]
@@ -42,8 +42,9 @@ def replicate(data: Path, out: Path, copies: int) -> dict:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(source.with_suffix(suffix), target)
                 split["shards"].append({**shard, "file": file})
-        split["num_samples"] *= copies
-        split["num_inputs"] = split.get("num_inputs", split["num_samples"] // copies) * copies
+        for count in ("num_samples", "num_inputs", "num_rejected"):
+            if count in split:
+                split[count] *= copies
     manifest["params"].update(replicated=copies, note="benchmark data: the same images copied; never train on it")
     shutil.copyfile(data / STATS, out / STATS)
     atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
@@ -63,7 +64,7 @@ def replicate_main(argv: list[str]) -> None:
         raise UsageError(f"--out={out} is not empty")
     try:
         manifest = replicate(data, out, cfg.copies)
-    except ValueError as e:  # a shard path outside DATA
+    except ValueError as e:  # already replicated, or a shard path outside DATA
         raise UsageError(str(e)) from None
     sizes = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"{out}: {cfg.copies} copies of {data}: {sizes} samples (benchmarking only)", file=sys.stderr)

@@ -1,5 +1,10 @@
 """The training order from the outside: a fresh global permutation every epoch, the same global batches on any
 number of ranks, and a start at any (epoch, step) that reads nothing before it."""
+import os
+import signal
+import subprocess
+import time
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -82,11 +87,20 @@ def test_global_batches_are_the_same_on_any_number_of_ranks(small, world_size):
         assert set(sum(parts[r][0], [])) != set(sum(parts[r][1], [])), "a rank's samples change every epoch"
 
 
-def test_augmentation_of_a_sample_does_not_depend_on_the_rank_count(small):
-    whole = [x for x, _ in train_loader(small, 8, num_threads=1)]
-    halves = [[x for x, _ in train_loader(small, 8, rank=r, world_size=2, num_threads=1)] for r in (0, 1)]
-    for step, x in enumerate(whole):
-        assert np.array_equal(x.numpy(), np.concatenate([halves[0][step].numpy(), halves[1][step].numpy()]))
+def test_augmentation_of_a_sample_does_not_depend_on_the_rank_count(tmp_path):
+    """Textured images, so that a crop, a reflection or a lighting shift drawn differently would show."""
+    rng = np.random.default_rng(0)
+    items = [(np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8), i % 4)
+             for i in range(24)]
+    data = shardkit.write_data(tmp_path, {"train": items}, shard_size=8)
+    whole = [x.numpy() for x, _ in train_loader(data, 8, num_threads=1)]
+    for world_size in (2, 4):
+        parts = [[x.numpy() for x, _ in train_loader(data, 8, rank=r, world_size=world_size, num_threads=1)]
+                 for r in range(world_size)]
+        for step, x in enumerate(whole):
+            assert np.array_equal(x, np.concatenate([part[step] for part in parts])), (world_size, step)
+    reseeded = [x.numpy() for x, _ in train_loader(data, 8, num_threads=1, seed=1)]
+    assert not np.array_equal(whole[0], reseeded[0]), "a different seed draws other batches or augmentation"
 
 
 def test_start_at_epoch_and_step_reads_nothing_before_it(small, monkeypatch):
@@ -122,3 +136,22 @@ def test_bad_arguments_are_errors(small):
         train_loader(small, 8, start_step=6)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         train_loader(small, 64)
+
+
+@pytest.mark.slow
+def test_reader_workers_give_the_same_batches_and_outlive_the_stop_signals(small):
+    """The GPU path's source: spawned worker processes. Slurm signals every process of a job step; the workers must
+    keep reading until the trainer has stopped at its next sync point, and give the in-process order."""
+    reference = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 2)
+    loader = train_loader(small, 8, num_threads=1, with_index=True, reader_workers=2)
+    batches = iter(loader)
+    first = next(batches)[2].tolist()
+    children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+    workers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
+    assert len(workers) == 2, "the reader workers run as child processes"
+    for pid in workers:
+        for stop in (signal.SIGUSR1, signal.SIGTERM):
+            os.kill(int(pid), stop)
+    time.sleep(1)
+    rest = [index.tolist() for _, _, index in batches]
+    assert [first, *rest] == reference[0] and epochs_of(loader, 1)[0] == reference[1]

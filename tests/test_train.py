@@ -273,16 +273,13 @@ def test_compiled_training_writes_a_plain_checkpoint(data, tmp_path):
 
 def launch(ranks: int, data, run, *args, wait=True):
     """train.py on `ranks` CPU processes (torchrun for more than one), 4 steps of 4 images, no dropout."""
-    if ranks == 1:
-        command = [sys.executable, "train.py", f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1",
-                   "--num_threads=1", "--device=cpu", "--log_interval=1", "--max_steps_per_epoch=4", "--dropout=0",
-                   *args]
-        env = {**os.environ}
-    else:
+    if ranks > 1:
         return torchrun_train(data, run, "--dropout=0", *args, wait=wait)
+    command = [sys.executable, "train.py", f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1",
+               "--num_threads=1", "--device=cpu", "--log_interval=1", "--max_steps_per_epoch=4", "--dropout=0", *args]
     if wait:
-        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def stop_after_first_step(process, run, ranks: int):
