@@ -429,7 +429,9 @@ def main(argv: list[str]) -> None:
                                                "rerun to resume")
         bar.close()
         if cfg.log_labels:
-            print(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}", flush=True)
+            # One write: every rank prints this line, and a line written in parts can interleave with another rank's.
+            sys.stdout.write(f"labels rank {rank} epoch {epoch + 1}: {json.dumps(sorted(seen))}\n")
+            sys.stdout.flush()
         total_loss, correct, total_images, seconds = all_sum(epoch_sums, device).tolist()
         seconds /= world_size
         metrics = evaluate(model, val, device, autocast)

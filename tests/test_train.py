@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,11 +204,9 @@ def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
          f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--log_labels", "--num_threads=1",
          "--device=cpu", "--log_interval=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    seen = {}
-    for line in result.stdout.splitlines():
-        if line.startswith("labels rank"):
-            head, _, labels = line.partition(": ")
-            seen[int(head.split()[2])] = json.loads(labels)
+    # Searched, not split into lines: rank 0's progress lines, written in parts, may enclose another rank's line.
+    seen = {int(rank): json.loads(labels)
+            for rank, labels in re.findall(r"labels rank (\d+) epoch 1: (\[[\d, ]*\])", result.stdout)}
     assert sorted(seen) == [0, 1]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == list(range(8))
