@@ -1,4 +1,4 @@
-"""Typed `--key=value` configuration for the entry points, and one-line errors for users.
+"""Typed `--key=value` configuration for the entry points.
 
 Each entry point declares one dataclass whose fields carry a one-line comment:
 
@@ -21,24 +21,10 @@ import types
 import typing
 from pathlib import Path
 
+from runtime import UsageError
+
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off"}
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit status 2, no traceback."""
-
-
-def run_main(main, argv=None):
-    """Call `main(argv)`; turn a UsageError into `error: ...` on stderr and exit status 2."""
-    try:
-        return main(sys.argv[1:] if argv is None else argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 def field_comments(cls) -> dict[str, str]:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from config import UsageError, parse_config, run_main, save_config
+from config import parse_config, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import available_cpus, limit_threads, load_checkpoint, shard_path
+from runtime import UsageError, available_cpus, limit_threads, load_checkpoint, run_main, shard_path
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [

@@ -1,7 +1,9 @@
-"""What every entry point needs: its share of the CPUs, thread pools sized to it, and safe reads of others' files.
+"""What every entry point needs: one-line errors, its rank and device, its share of the CPUs, thread pools sized to
+it, files written whole, and safe reads of others' files.
 
-    from runtime import available_cpus, limit_threads, load_checkpoint, shard_path
-    limit_threads(available_cpus() // processes_on_this_node)
+    from runtime import UsageError, join_ranks, limit_threads, load_checkpoint, run_main, shard_path
+    rank = join_ranks("auto")                                    # rank, world size, device, process group
+    limit_threads(rank.cpus)                                     # this rank's share of the node
     checkpoint = load_checkpoint("runs/alexnet/checkpoint.pt")   # refuses anything that could run code
     tar = shard_path(data, entry["file"])                        # refuses a manifest entry pointing outside DATA
 
@@ -11,12 +13,104 @@ slower than with one thread each. Every process that does numeric work beside ot
 """
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 # Read by OpenBLAS, OpenMP and MKL when they start: set for child processes started after limit_threads().
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # What a checkpoint may hold: train.py writes nothing else, so that it loads with torch.load(weights_only=True).
 CHECKPOINT_CONTENT = "tensors, numbers, strings, lists and dicts"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2, no traceback."""
+
+
+def run_main(main, argv: list[str] | None = None):
+    """Call `main(argv)`; turn a UsageError into `error: ...` on stderr and exit status 2."""
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+@contextmanager
+def usage_errors(advice: str = "") -> Iterator[None]:
+    """Turn the OSError or ValueError of a file the user named (a manifest, a checkpoint) into a one-line UsageError,
+    with `advice` appended. Library code raises ordinary exceptions; the entry points wrap their calls in this."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{e}{advice}") from None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to, renamed onto `path` when the block ends without an exception.
+
+    A kill mid-write leaves the previous file (or none), never a partial one. The temporary name keeps the suffix
+    (`curves.tmp.png`), so that writers which choose a format by it still choose the same one.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process stands among the ranks torchrun started (rank 0 of 1 without torchrun)."""
+    rank: int
+    world_size: int
+    local_size: int  # ranks on this node, which share its CPUs
+    device: "torch.device"  # noqa: F821 - torch is imported only by the entry points that need it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cpus(self) -> int:
+        """This rank's share of the node's CPUs."""
+        return max(1, available_cpus() // self.local_size)
+
+
+def join_ranks(device_choice: str) -> Rank:
+    """This process's rank and device ("auto": the GPU when there is one); the process group when several ranks run.
+
+    Under torchrun each rank takes the GPU of its local rank; the process group is NCCL's on GPUs, gloo's on CPUs.
+    """
+    import torch
+    import torch.distributed as dist
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device=cuda but no CUDA GPU is visible")
+    cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Rank(rank, world_size, local_size, device)
+
+
+def leave_ranks() -> None:
+    """End the process group, if `join_ranks` started one."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def available_cpus() -> int:

@@ -42,11 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import UsageError, parse_config, run_main, save_config
+from config import parse_config, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import available_cpus, limit_threads, load_checkpoint
+from runtime import UsageError, available_cpus, limit_threads, load_checkpoint, run_main
 
 
 @dataclass

@@ -32,9 +32,9 @@ from bench import training
 from bench.folders import REAL_IMAGES
 from bench.harness import hardware, measure, package_version
 from bench.preprocess import preprocess_works
-from config import UsageError, parse_config, run_main
+from config import parse_config
 from pipeline import read_manifest
-from runtime import available_cpus, limit_threads
+from runtime import UsageError, available_cpus, limit_threads, run_main
 
 ROWS = {  # row -> its label in the table
     "preprocess": "preprocess: make shards (whole command, {cores} cores)",

@@ -7,7 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from config import UsageError, parse_config, run_main
+from config import parse_config
+from runtime import UsageError, run_main
 
 REAL_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 

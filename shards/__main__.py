@@ -12,7 +12,7 @@ Each command takes --help.
 import importlib
 import sys
 
-from config import UsageError, run_main
+from runtime import UsageError, run_main
 
 COMMANDS = {"sample": "shards.sample", "build": "shards.build", "merge": "shards.build", "verify": "shards.verify",
             "stage": "shards.stage", "replicate": "shards.replicate"}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config import UsageError, parse_config, run_main
-from runtime import available_cpus, limit_threads
+from config import parse_config
+from runtime import UsageError, available_cpus, limit_threads, run_main
 from shards import image, layouts, tario
 
 FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)

@@ -26,7 +26,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from config import UsageError
+from runtime import UsageError
 
 SPLITS = ("train", "val", "test")
 

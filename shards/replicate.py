@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from config import UsageError, parse_config, run_main
-from runtime import shard_path
+from config import parse_config
+from runtime import UsageError, run_main, shard_path
 from shards.build import atomic_write
 
 MANIFEST, STATS = "manifest.json", "stats.npz"

@@ -24,7 +24,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from config import UsageError, parse_config
+from config import parse_config
+from runtime import UsageError
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"

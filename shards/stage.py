@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import UsageError, parse_config, run_main
-from runtime import shard_path
+from config import parse_config
+from runtime import UsageError, run_main, shard_path
 from shards.verify import verify_shard
 
 MANIFEST = "manifest.json"

@@ -9,8 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from config import UsageError, parse_config, run_main
-from runtime import shard_path
+from config import parse_config
+from runtime import UsageError, run_main, shard_path
 from shards import tario
 
 READ_BYTES = 1 << 22  # hash in 4 MiB reads

@@ -7,7 +7,8 @@ from typing import Literal
 
 import pytest
 
-from config import UsageError, parse_config, save_config
+from config import parse_config, save_config
+from runtime import UsageError
 from tests.conftest import REPO
 
 
@@ -61,7 +62,7 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_usage_error_is_one_line_and_exit_2():
     code = ("from dataclasses import dataclass\n"
-            "from config import parse_config, run_main\n"
+            "from config import parse_config\nfrom runtime import run_main\n"
             "@dataclass\nclass C:\n    a: int = 1  # a\n"
             "run_main(lambda argv: parse_config(C, argv), ['--b=2'])\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -1,9 +1,12 @@
-"""runtime.py from the outside: the CPU share a process may use, and the thread pools limited to it."""
+"""runtime.py from the outside: the CPU share a process may use, the thread pools limited to it, files written whole,
+and users' errors in one line."""
 import os
 import subprocess
 import sys
 
-from runtime import available_cpus, cgroup_cpu_quota
+import pytest
+
+from runtime import UsageError, atomic_path, available_cpus, cgroup_cpu_quota, usage_errors
 from tests.conftest import REPO
 
 
@@ -33,3 +36,24 @@ def test_limit_threads_caps_blas_and_torch_in_this_process_and_its_children():
             "os.environ['OPENBLAS_NUM_THREADS'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1", "1"]
+
+
+def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "curves.png"
+    with atomic_path(target) as tmp:
+        assert tmp.suffix == ".png"  # writers that pick a format by the suffix still pick the same one
+        tmp.write_text("first")
+    with pytest.raises(KeyError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyError("killed mid-write")
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_usage_errors_are_one_line_with_advice():
+    with pytest.raises(UsageError, match=r"^no manifest in x; --resume=false starts over$"):
+        with usage_errors("; --resume=false starts over"):
+            raise FileNotFoundError("no manifest in x")
+    with pytest.raises(KeyError):  # a bug is not the user's error: it keeps its traceback
+        with usage_errors():
+            raise KeyError("bug")

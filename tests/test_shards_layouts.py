@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from config import UsageError
+from runtime import UsageError
 from shards import build, layouts
 from tests.test_shards_build import all_samples, jpeg_bytes, run_cli
 

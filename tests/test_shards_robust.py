@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config import UsageError
+from runtime import UsageError
 from shards import build, image, verify
 from tests.test_shards_build import REPO, all_samples, jpeg_bytes, make_folders, run_cli, tree_bytes
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import train
-from config import UsageError
 from model import AlexNet
+from runtime import UsageError
 from tests.conftest import REPO
 from tests.shardkit import write_data
 
