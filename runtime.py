@@ -1,5 +1,5 @@
-"""What every entry point needs: one-line errors, its rank and device, its share of the CPUs, thread pools sized to
-it, files written whole, and safe reads of others' files.
+"""What every entry point needs: one-line errors, its rank and device, sums over ranks, stop signals, its share of the
+CPUs, thread pools sized to it, files written whole, and safe reads of others' files.
 
     from runtime import UsageError, join_ranks, limit_threads, load_checkpoint, run_main, shard_path
     rank = join_ranks("auto")                                    # rank, world size, device, process group
@@ -12,6 +12,7 @@ worker processes those threads spin against each other: a shard build with one O
 slower than with one thread each. Every process that does numeric work beside others limits its pools here.
 """
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -105,12 +106,39 @@ def join_ranks(device_choice: str) -> Rank:
     return Rank(rank, world_size, local_size, device)
 
 
+def all_sum(values, device) -> "torch.Tensor":  # noqa: F821 - see Rank.device
+    """Sum a list or tensor of numbers over ranks, in float64 so that counts stay exact, onto the CPU. A host-device
+    sync: use at intervals only."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.as_tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.cpu()
+
+
 def leave_ranks() -> None:
     """End the process group, if `join_ranks` started one."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def stop_signals() -> Iterator[list[str]]:
+    """The names of the stop signals received (SIGTERM, SIGUSR1), acted on at the next sync point so that all ranks
+    stop together. The previous handlers come back on exit: pool workers forked later by the same process (the
+    tests call main) would otherwise inherit this one and never end when their pool terminates them."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
+                for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def available_cpus() -> int:

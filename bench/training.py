@@ -1,6 +1,6 @@
 """The rows that run the network: train.py's own training step and eval.py's own ten-crop pass.
 
-  model           train.train_step (the paper's SGD from train.make_optimizer; bfloat16 autocast and channels-last
+  model           train.py's training step (model/recipe.py: the paper's SGD; bfloat16 autocast and channels-last
                   on a GPU, as train.py runs them) on one synthetic batch already on the device
   end_to_end      the same step fed by train_loader
   *_compiled      the same with train.py's --compile
@@ -12,6 +12,8 @@ import torch
 import pipeline
 import train
 from bench.harness import endless
+from model import recipe
+from runtime import Rank
 
 
 def gpu_output(device: torch.device) -> dict:
@@ -20,14 +22,12 @@ def gpu_output(device: torch.device) -> dict:
 
 
 def training_step(num_classes: int, device: torch.device, compiled: bool):
-    """train.py's model, optimiser and step for `device` with the paper's defaults: step(images, labels)."""
-    cuda = device.type == "cuda"
-    cfg = train.Config(compile=compiled)
-    train.configure_cuda(cfg)
-    _, model, _ = train.build_model(cfg, num_classes, device, channels_last=cuda, distributed=False)
-    optimizer = train.make_optimizer(cfg, model, fused=cuda)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    return lambda images, labels: train.train_step(model, optimizer, images, labels, autocast)
+    """train.py's network, optimiser and step for `device` with the paper's defaults: step(images, labels)."""
+    cfg = train.TrainConfig(compile=compiled)
+    numerics = recipe.numerics(device, cfg.dtype, cfg.channels_last)
+    network = train.build_network(cfg, num_classes, Rank(0, 1, 1, device), numerics.channels_last)
+    return lambda images, labels: recipe.train_step(network.train, network.optimizer, images, labels,
+                                                    numerics.autocast)
 
 
 def model_alone(num_classes, device, batch, compiled):

@@ -12,6 +12,7 @@ from PIL import Image
 
 import train
 from bench import training
+from model import recipe
 from tests.shardkit import REPO, write_data
 
 ROWS = ("preprocess", "preprocess_naive", "limit", "pipeline", "pipeline_webdataset", "dali_stock", "alternative",
@@ -67,8 +68,9 @@ def test_every_row_is_measured_with_its_spread(tmp_path):
 
 def test_the_training_rows_run_train_pys_own_step(monkeypatch):
     calls = []
-    step = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda *args: calls.append(1) or step(*args))
+    step = recipe.train_step  # the step train.py imports
+    assert train.train_step is step
+    monkeypatch.setattr(recipe, "train_step", lambda *args: calls.append(1) or step(*args))
     work = training.model_alone(num_classes=3, device=torch.device("cpu"), batch=2, compiled=False)
     assert work(2) == 4 and len(calls) == 2
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import train
-from model import AlexNet
+from model import AlexNet, recipe
 from runtime import UsageError
 from tests.conftest import REPO
 from tests.shardkit import write_data
@@ -147,7 +147,7 @@ def test_weight_decay_shrinks_the_weights_and_only_optionally_the_biases(decay_b
     """Zero loss gradients: what moves the parameters is the decay alone, through SGD with momentum."""
     torch.manual_seed(0)
     model = AlexNet(num_classes=10)
-    groups = train.parameter_groups(model, weight_decay=5e-4, decay_biases=decay_biases)
+    groups = recipe.parameter_groups(model, weight_decay=5e-4, decay_biases=decay_biases)
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -169,14 +169,14 @@ def test_weight_decay_shrinks_the_weights_and_only_optionally_the_biases(decay_b
 
 def test_lr_divided_by_ten_when_val_error_stops_improving_at_most_three_times():
     sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
-    schedule = train.DropOnPlateau(sgd, patience=2, max_drops=3)
+    schedule = recipe.DropOnPlateau(sgd, patience=2, max_drops=3)
     lrs = []
     for error in [0.9, 0.8, 0.8, 0.85, 0.7, 0.7, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]:
         schedule.step(error)
         lrs.append(sgd.param_groups[0]["lr"])
     assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(1e-3)  # two epochs without a new best
     assert lrs[6] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-5) and lrs[-1] == lrs[9]
-    restored = train.DropOnPlateau(sgd, patience=2, max_drops=3)
+    restored = recipe.DropOnPlateau(sgd, patience=2, max_drops=3)
     restored.load_state_dict(schedule.state_dict())
     assert restored.state_dict() == schedule.state_dict() == {"best": 0.6, "bad_epochs": 4, "drops": 3}
 
