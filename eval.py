@@ -8,7 +8,6 @@ softmax probabilities (not its logits) are averaged over the ten patches, then r
 measured in the same run with the centre-crop pipeline. Writes `<checkpoint dir>/eval-<split>.json`.
 """
 import json
-import os
 import tarfile
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from config import parse_config, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import UsageError, available_cpus, limit_threads, load_checkpoint, run_main, shard_path
+from runtime import Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main, shard_path, usage_errors
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -39,7 +38,7 @@ class EvalConfig:
     data: str = "data/sample"  # shard directory written by `make shards`
     checkpoint: str = "runs/demo/checkpoint.pt"  # checkpoint written by train.py
     split: str = "val"  # split to evaluate: val, or test when the shards have one
-    batch_size: int = 64  # images per rank per batch (each expands to ten patches)
+    batch_size: int = 64  # images per batch, summed over all ranks as in train.py (each expands to ten patches)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # GPU autocast dtype (float32: no TF32; CPU: float32)
     num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
@@ -67,29 +66,11 @@ def error_percent(correct: int, n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def setup_distributed(device_choice: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); a process group only under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError("--device=cuda but no CUDA GPU is available")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world_size > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world_size, device
-
-
 def load_model(path: Path, num_classes: int, device: torch.device) -> AlexNet:
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
-    try:
+    with usage_errors():
         checkpoint = load_checkpoint(path)  # refuses a file that would run code when loaded
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if checkpoint.get("num_classes") != num_classes:
         raise UsageError(f"checkpoint {path} has {checkpoint.get('num_classes')} classes but the shards have "
                          f"{num_classes}")
@@ -115,7 +96,7 @@ def split_keys(data: Path, manifest: dict, split: str) -> dict[int, str]:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 @torch.inference_mode()
-def evaluate(model, loader, device, dtype, keep_predictions: bool):
+def score_split(model, loader, device, dtype, keep_predictions: bool):
     """Top-k correct counts over this rank's samples, and (optionally) each sample's top-5 predictions."""
     autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=device.type == "cuda")
     correct = torch.zeros(len(TOP_K), dtype=torch.int64, device=device)
@@ -169,43 +150,44 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_crops(model, cfg: EvalConfig, rank: Rank, crops: str, keep_predictions: bool):
+    """One pass over the split with `crops` ("ten" or "center"): (images, errors, predictions), totalled over ranks."""
+    gpu = rank.device.type == "cuda"
+    with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
+        loader = pipeline.eval_loader(cfg.data, cfg.split, crops, cfg.batch_size // rank.world_size,
+                                      device=rank.device, rank=rank.rank, world_size=rank.world_size,
+                                      num_threads=cfg.num_threads or rank.cpus, with_index=True,
+                                      dtype=cfg.dtype if gpu else None, dont_use_mmap=cfg.storage == "network",
+                                      read_ahead=cfg.storage == "network")
+    correct, count, predictions = score_split(model, loader, rank.device, cfg.dtype, keep_predictions)
+    return reduce_results(correct, count, predictions, rank.world_size)
+
+
 def main(argv):
     cfg = parse_config(EvalConfig, argv, description=__doc__)
     data, checkpoint_path = Path(cfg.data), Path(cfg.checkpoint)
-    try:
+    with usage_errors():
         manifest = read_manifest(data)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
     if cfg.split not in manifest["splits"]:
         raise UsageError(f"split {cfg.split!r} is not in {data}: it has {', '.join(manifest['splits'])}")
-    rank, world_size, device = setup_distributed(cfg.device)
-    tf32 = device.type == "cuda" and cfg.dtype != "float32"  # as in train.py: --dtype=float32 means float32
+    rank = join_ranks(cfg.device)
+    if cfg.batch_size % rank.world_size:
+        raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {rank.world_size} ranks")
+    tf32 = rank.device.type == "cuda" and cfg.dtype != "float32"  # as in train.py: --dtype=float32 means float32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    cpus = max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # this rank's share of the node
-    limit_threads(cpus)
-    model = load_model(checkpoint_path, len(manifest["classes"]), device)
-
-    def run_pass(crops: str, keep_predictions: bool):
-        try:
-            loader = pipeline.eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                                          world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
-                                          dtype=cfg.dtype if device.type == "cuda" else None,
-                                          dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
-        except ValueError as e:  # a manifest the user must fix (e.g. a shard path outside DATA)
-            raise UsageError(str(e)) from None
-        correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)
-        return reduce_results(correct, count, predictions, world_size)
+    limit_threads(rank.cpus)
+    model = load_model(checkpoint_path, len(manifest["classes"]), rank.device)
 
     start = time.perf_counter()
-    result = {"split": cfg.split, "checkpoint": str(checkpoint_path), "world_size": world_size}
-    result["n"], result["ten_crop"], predictions = run_pass("ten", cfg.save_predictions)
-    _, result["center"], _ = run_pass("center", False)
+    result = {"split": cfg.split, "checkpoint": str(checkpoint_path), "world_size": rank.world_size}
+    result["n"], result["ten_crop"], predictions = evaluate_crops(model, cfg, rank, "ten", cfg.save_predictions)
+    _, result["center"], _ = evaluate_crops(model, cfg, rank, "center", False)
     result["seconds"] = time.perf_counter() - start
     if result["n"] != manifest["splits"][cfg.split]["num_samples"]:
         raise RuntimeError(f"evaluated {result['n']} images but the manifest lists "
                            f"{manifest['splits'][cfg.split]['num_samples']}")
 
-    if rank == 0:
+    if rank.is_main:
         out_dir = checkpoint_path.parent
         (out_dir / f"eval-{cfg.split}.json").write_text(json.dumps(result, indent=2) + "\n")
         save_config(cfg, out_dir / f"eval-{cfg.split}-config.json")
@@ -213,8 +195,7 @@ def main(argv):
             write_predictions(out_dir, cfg.split, data, manifest, predictions)
         print(results_table(result))
         print(f"wrote {out_dir / f'eval-{cfg.split}.json'}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    leave_ranks()
 
 
 def write_predictions(out_dir: Path, split: str, data: Path, manifest: dict, predictions) -> None:

@@ -70,6 +70,6 @@ def eval_tencrop(data, num_classes, device, batch, threads):
         evaluation.ten_crop_probabilities(model, torch.zeros(batch, 10, 3, 224, 224, device=device))
 
     def work(n: int) -> int:
-        return sum(int(evaluation.evaluate(model, loader, device, dtype, keep_predictions=False)[1])
+        return sum(int(evaluation.score_split(model, loader, device, dtype, keep_predictions=False)[1])
                    for _ in range(n))
     return work

@@ -132,8 +132,8 @@ def test_ten_crop_on_real_images_matches_a_pillow_reference(tmp_path, imagenet_s
 def test_every_image_is_counted_exactly_once_over_ranks(tmp_path, seven_images, nproc):
     checkpoint = tmp_path / "checkpoint.pt"
     save_checkpoint(checkpoint, num_classes=3)
-    result = run_eval(f"--data={seven_images}", f"--checkpoint={checkpoint}", "--batch_size=2",
-                      "--save_predictions", nproc=nproc)
+    result = run_eval(f"--data={seven_images}", f"--checkpoint={checkpoint}", f"--batch_size={2 * nproc}",
+                      "--save_predictions", nproc=nproc)  # 2 images per rank per batch: partial batches everywhere
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "eval-val.json").read_text())
     assert report["n"] == 7 and report["split"] == "val" and report["world_size"] == nproc
