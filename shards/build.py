@@ -28,7 +28,7 @@ import numpy as np
 
 from config import parse_config
 from runtime import UsageError, atomic_path, available_cpus, limit_threads, run_main, usage_errors
-from shards import image, layouts, tario
+from shards import MANIFEST, STATS, image, layouts, tario
 
 FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
 CHUNK = 32  # inputs per worker job: large enough to amortise the IPC, small enough to balance the load
@@ -382,10 +382,10 @@ def merge(out: Path | str) -> dict:
     mean_image = totals["sum_image"].astype(np.float64) / num_images
     stats = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": eigval.tolist(), "pca_eigvec": eigvec.tolist(),
              "num_images": num_images, "num_pixels": num_pixels}
-    atomic_savez(out / "stats.npz", mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
+    atomic_savez(out / STATS, mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
     manifest = {"format": FORMAT_VERSION, "classes": plan["classes"], "splits": splits, "rejected": rejected,
                 "converted": converted, "stats": stats, "params": plan["params"]}
-    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     print(summary_table(manifest), file=sys.stderr)
     return manifest
 

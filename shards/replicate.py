@@ -14,8 +14,7 @@ from pathlib import Path
 
 from config import parse_config
 from runtime import UsageError, atomic_path, run_main, shard_path, usage_errors
-
-MANIFEST, STATS = "manifest.json", "stats.npz"
+from shards import MANIFEST, STATS
 
 
 @dataclasses.dataclass

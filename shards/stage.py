@@ -25,10 +25,9 @@ from tqdm import tqdm
 
 from config import parse_config
 from runtime import UsageError, run_main, shard_path, usage_errors
+from shards import MANIFEST, STATS
 from shards.verify import verify_shard
 
-MANIFEST = "manifest.json"
-STATS = "stats.npz"
 GB = 1e9
 
 

@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 
 from shards import build, layouts
+from shards.sample import DEVKIT_ARCHIVE, TRAIN_ARCHIVE, VAL_ARCHIVE
 from tests.shardkit import all_samples, jpeg_bytes, noise_rgb, run_cli
 
 
@@ -60,9 +61,9 @@ def test_ilsvrc2012_archives_from_the_builtin_sample(tmp_path):
     assert manifest["splits"]["train"]["num_samples"] == 60 and manifest["splits"]["val"]["num_samples"] == 30
     assert "train: 60 inputs = 60 written + 0 rejected" in proc.stderr
     # Labels, independently: devkit meta.mat + ground truth, ID -> WNID -> position among the sorted train WNIDs.
-    with tarfile.open(raw / "ILSVRC2012_img_train.tar") as tar:
+    with tarfile.open(raw / TRAIN_ARCHIVE) as tar:
         wnids = sorted(Path(m.name).stem for m in tar)
-    with tarfile.open(raw / "ILSVRC2012_devkit_t12.tar.gz") as tar:
+    with tarfile.open(raw / DEVKIT_ARCHIVE) as tar:
         files = {Path(m.name).name: tar.extractfile(m).read() for m in tar if m.isfile()}
     synsets = scipy.io.loadmat(io.BytesIO(files["meta.mat"]), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
@@ -283,16 +284,16 @@ def test_array_tasks_list_each_archive_once_and_again_when_it_changes(sample_raw
                         members(path, *window))
 
     first = layouts.detect(raw, cache=cache)  # the first task lists and keeps the listing
-    assert set(listed) == {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"}
+    assert set(listed) == {TRAIN_ARCHIVE, VAL_ARCHIVE}
     listed.clear()
     second = layouts.detect(raw, cache=cache)  # the others load it
     assert listed == []
     assert first.splits == second.splits == without_cache.splits
 
-    train = raw / "ILSVRC2012_img_train.tar"
+    train = raw / TRAIN_ARCHIVE
     os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))  # replaced since
     assert layouts.detect(raw, cache=cache).splits == without_cache.splits
-    assert set(listed) == {"ILSVRC2012_img_train.tar"}
+    assert set(listed) == {TRAIN_ARCHIVE}
 
 
 def test_listing_cache_works_without_flock(sample_raw, tmp_path, monkeypatch):
@@ -303,4 +304,4 @@ def test_listing_cache_works_without_flock(sample_raw, tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     cache = tmp_path / ".build"
     assert layouts.detect(sample_raw, cache=cache).splits == layouts.detect(sample_raw, cache=cache).splits
-    assert (cache / "listing-ILSVRC2012_img_train.tar.json").is_file()
+    assert (cache / f"listing-{TRAIN_ARCHIVE}.json").is_file()
