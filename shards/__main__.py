@@ -9,13 +9,17 @@
 
 Each command takes --help.
 """
-import importlib
 import sys
 
 from runtime import UsageError, run_main
+from shards.build import build_main, merge_main
+from shards.replicate import replicate_main
+from shards.sample import sample_main
+from shards.stage import stage_main
+from shards.verify import verify_main
 
-COMMANDS = {"sample": "shards.sample", "build": "shards.build", "merge": "shards.build", "verify": "shards.verify",
-            "stage": "shards.stage", "replicate": "shards.replicate"}
+COMMANDS = {"sample": sample_main, "build": build_main, "merge": merge_main, "verify": verify_main,
+            "stage": stage_main, "replicate": replicate_main}
 
 
 def main(argv: list[str]) -> None:
@@ -25,8 +29,7 @@ def main(argv: list[str]) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         raise UsageError(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
-    module = importlib.import_module(COMMANDS[command])
-    getattr(module, f"{command}_main")(rest)
+    COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ See docs/FORMAT.md for what is written. How it works:
              seed, cut each split into shards of `shard_size` inputs. The plan depends only on input and parameters,
              so every array task computes the same one and shard j belongs to task j % num_tasks.
   2. shards  workers turn chunks of inputs into JPEGs plus exact integer sums for the statistics; the main process
-             writes each shard to `<name>.tmp` and renames it when complete. Per-shard results (count, sha256,
+             writes each shard to `<name>.tmp.tar` and renames it when complete. Per-shard results (count, sha256,
              rejected, converted, statistics sums) go to DATA/.build/. A rerun skips shards that are complete.
   3. merge   once every shard exists: manifest.json and stats.npz from the per-shard results.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from config import parse_config
-from runtime import UsageError, available_cpus, limit_threads, run_main
-from shards import image, layouts, tario
+from runtime import UsageError, atomic_path, available_cpus, limit_threads, run_main, usage_errors
+from shards import MANIFEST, STATS, image, layouts, tario
 
 FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
 CHUNK = 32  # inputs per worker job: large enough to amortise the IPC, small enough to balance the load
@@ -72,8 +72,8 @@ class Shard:
 
 def make_plan(source: layouts.Source, cfg: BuildConfig) -> tuple[dict, list[Shard]]:
     if "train" not in source.splits:
-        raise UsageError(f"{cfg.raw}: no training images found (layout {source.layout}); the class list and the "
-                         "statistics come from the training set")
+        raise layouts.LayoutError(f"{cfg.raw}: no training images found (layout {source.layout}); the class list "
+                                  "and the statistics come from the training set")
     shards, splits, fingerprint = [], {}, hashlib.sha256()
     for split in layouts.SPLITS:
         items = source.splits.get(split)
@@ -117,15 +117,21 @@ def save_plan(out: Path, plan: dict) -> None:
             what = f"parameters differ: {', '.join(diff)}" if diff else "the input differs"
             if old.get("format") != plan["format"]:
                 what = f"shard format {old.get('format')}, this version writes format {plan['format']}"
-            raise UsageError(f"{out} holds a build with another plan ({what}); use an empty --out or the same "
+            raise ValueError(f"{out} holds a build with another plan ({what}); use an empty --out or the same "
                              "input and parameters to resume")
         return
     atomic_write(path, json.dumps(plan, indent=1).encode())
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary name, synced first: never a partial file under the final name.
+
+    The temporary name is this host's and process's own, not runtime.atomic_path's one fixed name: the array tasks
+    write plan.json and the archive listings at the same time, and with a shared temporary name one task would
+    rename another's half-written file into place.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")  # array tasks may race here
+    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -213,21 +219,20 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
     converted = sorted((x for r in results for x in r[3]), key=lambda x: x["position"])
     tar = out / shard.file
     tar.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tar.with_name(tar.name + ".tmp")
-    with open(tmp, "wb") as f:
-        sha, index = tario.write_tar(f, [record for _, record in samples])
-        f.flush()
-        os.fsync(f.fileno())
-    result = {"shard": shard.name, "file": shard.file, "num_inputs": len(shard.items), "num_samples": len(samples),
-              "sha256": sha, "rejected": rejected, "converted": converted}
-    json_path, npz_path = partial_paths(out, shard)
-    if with_stats:
-        total = {"sum_image": sum(r[4]["sum_image"].astype(np.uint64) for r in results),
-                 **{k: sum(r[4][k] for r in results) for k in SUMS[1:]}}
-        atomic_savez(npz_path, **total)
-    atomic_write(json_path, json.dumps(result, indent=1).encode())
-    atomic_write(tar.with_suffix(".idx"), index.encode())
-    os.replace(tmp, tar)
+    with atomic_path(tar) as tmp:  # renamed last: a shard whose tar is there is complete (see is_complete)
+        with open(tmp, "wb") as f:
+            sha, index = tario.write_tar(f, [record for _, record in samples])
+            f.flush()
+            os.fsync(f.fileno())
+        result = {"shard": shard.name, "file": shard.file, "num_inputs": len(shard.items),
+                  "num_samples": len(samples), "sha256": sha, "rejected": rejected, "converted": converted}
+        json_path, npz_path = partial_paths(out, shard)
+        if with_stats:
+            total = {"sum_image": sum(r[4]["sum_image"].astype(np.uint64) for r in results),
+                     **{k: sum(r[4][k] for r in results) for k in SUMS[1:]}}
+            atomic_savez(npz_path, **total)
+        atomic_write(json_path, json.dumps(result, indent=1).encode())
+        atomic_write(tar.with_suffix(".idx"), index.encode())
     return result
 
 
@@ -270,16 +275,25 @@ def task_summary(results: list[dict], seconds: float, workers: int) -> str:
             f"{workers} workers ({rate / max(workers, 1):.1f} per worker)")
 
 
-def build(cfg: BuildConfig) -> dict | None:
-    """Run one task of the build; with num_tasks=1 also merge. Returns the manifest when merged."""
+def check_config(cfg: BuildConfig) -> None:
+    """A ValueError naming the option when `cfg` describes no build."""
     if not cfg.raw or not cfg.out:
-        raise UsageError("both --raw=DIR (ImageNet) and --out=DIR (where the shards go) are required")
+        raise ValueError("both --raw=DIR (ImageNet) and --out=DIR (where the shards go) are required")
     if cfg.shard_size < 1:
-        raise UsageError(f"--shard_size={cfg.shard_size}: must be at least 1")
+        raise ValueError(f"--shard_size={cfg.shard_size}: must be at least 1")
     if not 1 <= cfg.quality <= 100:
-        raise UsageError(f"--quality={cfg.quality}: must be 1..100")
+        raise ValueError(f"--quality={cfg.quality}: must be 1..100")
     if cfg.num_tasks < 1 or not 0 <= cfg.task_index < cfg.num_tasks:
-        raise UsageError(f"--task_index={cfg.task_index} --num_tasks={cfg.num_tasks}: need 0 <= task_index < num_tasks")
+        raise ValueError(f"--task_index={cfg.task_index} --num_tasks={cfg.num_tasks}: "
+                         "need 0 <= task_index < num_tasks")
+
+
+def build(cfg: BuildConfig) -> dict | None:
+    """Run one task of the build; with num_tasks=1 also merge. Returns the manifest when merged.
+
+    A LayoutError or ValueError names what is wrong with RAW, DATA or `cfg`.
+    """
+    check_config(cfg)
     workers = cfg.workers if cfg.workers > 0 else available_cpus()
     out = Path(cfg.out)
     start = time.perf_counter()
@@ -288,9 +302,8 @@ def build(cfg: BuildConfig) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     save_plan(out, plan)
     mine = [s for j, s in enumerate(shards) if j % cfg.num_tasks == cfg.task_index]
-    for s in mine:  # leftovers of an interrupted run of this task
-        for tmp in (out / s.split).glob(f"{s.name}.tar.tmp"):
-            tmp.unlink()
+    for s in mine:  # what a killed run of this task left: the tar under atomic_path's temporary name
+        (out / s.split / f"{s.name}.tmp.tar").unlink(missing_ok=True)
     todo = [s for s in mine if not is_complete(out, s)]
     skipped = len(mine) - len(todo)
     task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
@@ -332,13 +345,13 @@ def merge(out: Path | str) -> dict:
     out = Path(out)
     plan_path = out / BUILD_DIR / "plan.json"
     if not plan_path.exists():
-        raise UsageError(f"{out}: no {BUILD_DIR}/plan.json, so no build was started there")
+        raise FileNotFoundError(f"{out}: no {BUILD_DIR}/plan.json, so no build was started there")
     plan = json.loads(plan_path.read_text())
     shards = plan_shards(plan)
     missing = [s.name for s in shards if not is_complete(out, s)]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        raise UsageError(f"{out}: {len(missing)} of {len(shards)} shards are not complete ({shown}); "
+        raise ValueError(f"{out}: {len(missing)} of {len(shards)} shards are not complete ({shown}); "
                          "rerun the build tasks that own them (they skip finished shards)")
     splits, rejected, converted = {}, [], []
     totals = None
@@ -358,21 +371,21 @@ def merge(out: Path | str) -> dict:
     for name, entry in splits.items():
         entry["num_rejected"] = entry["num_inputs"] - entry["num_samples"]
         if entry["num_inputs"] != plan["splits"][name]["num_inputs"]:
-            raise UsageError(f"{out}: {name} shards account for {entry['num_inputs']} inputs, the plan has "
+            raise ValueError(f"{out}: {name} shards account for {entry['num_inputs']} inputs, the plan has "
                              f"{plan['splits'][name]['num_inputs']}")
     num_images = int(totals["num_images"])
     if num_images == 0:
-        raise UsageError(f"{out}: every training image was rejected; no statistics can be computed")
+        raise ValueError(f"{out}: every training image was rejected; no statistics can be computed")
     num_pixels = num_images * image.SIZE * image.SIZE
     pixel_sum = totals["sum_image"].sum(axis=(0, 1), dtype=np.uint64)  # exact: integers summed as integers
     rgb_mean, eigval, eigvec = pca(pixel_sum, totals["pixel_outer"], num_pixels)
     mean_image = totals["sum_image"].astype(np.float64) / num_images
     stats = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": eigval.tolist(), "pca_eigvec": eigvec.tolist(),
              "num_images": num_images, "num_pixels": num_pixels}
-    atomic_savez(out / "stats.npz", mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
+    atomic_savez(out / STATS, mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
     manifest = {"format": FORMAT_VERSION, "classes": plan["classes"], "splits": splits, "rejected": rejected,
                 "converted": converted, "stats": stats, "params": plan["params"]}
-    atomic_write(out / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     print(summary_table(manifest), file=sys.stderr)
     return manifest
 
@@ -400,14 +413,17 @@ def summary_table(manifest: dict) -> str:
 
 def build_main(argv: list[str]) -> None:
     limit_threads(1)  # this process writes tars beside the workers; with one worker it converts too
-    build(parse_config(BuildConfig, argv, description=__doc__))
+    cfg = parse_config(BuildConfig, argv, description=__doc__)
+    with usage_errors():
+        build(cfg)
 
 
 def merge_main(argv: list[str]) -> None:
     cfg = parse_config(MergeConfig, argv, description="Write manifest.json and stats.npz after all build tasks.")
     if not cfg.out:
         raise UsageError("--out=DIR is required (the directory the build tasks wrote)")
-    merge(cfg.out)
+    with usage_errors():
+        merge(cfg.out)
 
 
 if __name__ == "__main__":

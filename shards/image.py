@@ -33,7 +33,8 @@ class Rejected(Exception):
     """This input cannot become a sample; the message is the reason listed in the manifest."""
 
 
-def crop_geometry(width: int, height: int, size: int = SIZE) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+def crop_geometry(width: int, height: int,
+                  size: int = SIZE) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
     """Resized size (shorter side = size) and the central size x size box of it, in source coordinates.
 
     The box is what resize-then-crop keeps: integer offsets in the resized image, mapped back to the source.
@@ -72,7 +73,8 @@ def to_rgb(im: Image.Image, converted: list[str]) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         array = np.asarray(im.convert("I") if im.mode.startswith("I;16") else im, dtype=np.float64)
-        return Image.fromarray(np.clip(array / 256 if array.max() > 255 else array, 0, 255).astype(np.uint8)).convert("RGB")
+        eight_bit = np.clip(array / 256 if array.max() > 255 else array, 0, 255).astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
     return im.convert("RGB")
 
 

@@ -26,9 +26,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from runtime import UsageError
-
 SPLITS = ("train", "val", "test")
+
+
+class LayoutError(ValueError):
+    """RAW is not an ImageNet layout this module reads, or lacks a file that its layout needs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,7 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
     train_dir = root / "train"
     wnids = [p.name for p in folders_under(train_dir)]
     if not wnids:
-        raise UsageError(f"{train_dir} has no class folders")
+        raise LayoutError(f"{train_dir} has no class folders")
     index = {w: i for i, w in enumerate(wnids)}
     splits = {}
     for split in SPLITS:
@@ -163,7 +165,7 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
             class_dirs = folders_under(folder)
             loose = files_under(folder)
             if loose and not class_dirs:
-                raise UsageError(f"{folder} holds {len(loose)} files but no class folders: expected "
+                raise LayoutError(f"{folder} holds {len(loose)} files but no class folders: expected "
                                  f"{folder}/<wnid>/<image> (reorganise a flat val folder by its labels first)")
             for f in loose:  # stray files beside the class folders: listed, not silently skipped
                 problems[f] = "not inside a class folder"
@@ -182,7 +184,7 @@ def folder_splits(raw: Path, root: Path, layout: str, names: dict[str, str],
 
 def index_of(index: dict[str, int], wnid: str, where) -> int:
     if wnid not in index:
-        raise UsageError(f"{where}: class {wnid!r} is not one of the {len(index)} training classes")
+        raise LayoutError(f"{where}: class {wnid!r} is not one of the {len(index)} training classes")
     return index[wnid]
 
 
@@ -325,11 +327,11 @@ def list_train_archive(path: Path, workers: int) -> dict[str, list[tuple[str, in
     """Members of each per-class tar inside the train archive, by class tar name."""
     jobs = [(str(path), n, off, size) for n, off, size in tar_members(str(path)) if n.lower().endswith(".tar")]
     if not jobs:
-        raise UsageError(f"{path} holds no per-class .tar files")
+        raise LayoutError(f"{path} holds no per-class .tar files")
     classes = {}
     for name, members, error in map_jobs(scan_class_tar, jobs, workers):
         if error:
-            raise UsageError(f"{path}: cannot read the class archive {name}: {error}")
+            raise LayoutError(f"{path}: cannot read the class archive {name}: {error}")
         classes[name] = members
     return classes
 
@@ -337,7 +339,7 @@ def list_train_archive(path: Path, workers: int) -> dict[str, list[tuple[str, in
 def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int, cache: Path | None) -> Source:
     devkit = read_devkit(found["devkit"])
     if "meta.mat" not in devkit:
-        raise UsageError(f"{found['devkit']} has no meta.mat")
+        raise LayoutError(f"{found['devkit']} has no meta.mat")
     id_to_wnid, names = read_meta(devkit["meta.mat"])
     for p in raw.glob(f"ILSVRC{year}_*ground_truth.txt"):  # ground truth given next to the archives
         devkit.setdefault(p.name, p.read_bytes())
@@ -352,14 +354,7 @@ def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int, c
     index = {w: i for i, w in enumerate(wnids)}
     splits = {}
     if train_classes:
-        items = []
-        arch = found["train"].name
-        for wnid in wnids:
-            members = train_classes[wnid]
-            keys = unique_keys([(wnid, stem(n)) for n, _, _ in members])
-            items += [Item(k, index[wnid], f"{arch}/{wnid}.tar/{n}", str(found["train"]), off, size)
-                      for k, (n, off, size) in zip(keys, members)]
-        splits["train"] = order("train", items)
+        splits["train"] = order("train", train_archive_items(found["train"], train_classes, index))
     for split in ("val", "test"):
         if split not in found:
             continue
@@ -368,27 +363,46 @@ def archive_layout(raw: Path, year: str, found: dict[str, Path], workers: int, c
             if split == "test":  # ILSVRC2012's test labels were never published: no test split then
                 print(f"note: {found[split].name} skipped: no {gt_name} in the devkit or in {raw}", file=sys.stderr)
                 continue
-            raise UsageError(f"{found[split].name} given but no {gt_name} (in the devkit or in {raw})")
+            raise LayoutError(f"{found[split].name} given but no {gt_name} (in the devkit or in {raw})")
         gt_ids = [int(v) for v in devkit[gt_name].decode().split()]
-        path = str(found[split])
-        members = sorted(cached_listing(found[split], cache, lambda archive: tar_members(str(archive))),
-                         key=lambda m: (stem(m[0]), m[0]))
-        keys = unique_keys([("", stem(n)) for n, _, _ in members])
-        items = []
-        for position, (k, (n, off, size)) in enumerate(zip(keys, members)):
-            number = image_number(k) or position + 1
-            source = f"{found[split].name}/{n}"
-            if not 1 <= number <= len(gt_ids):
-                items.append(Item(k, -1, source, path, off, size, f"no line {number} in {gt_name}"))
-                continue
-            wnid = id_to_wnid.get(gt_ids[number - 1])
-            if wnid is None or wnid not in index:
-                items.append(Item(k, -1, source, path, off, size,
-                                  f"{gt_name} line {number}: ID {gt_ids[number - 1]} is not a training class"))
-                continue
-            items.append(Item(k, index[wnid], source, path, off, size))
-        splits[split] = order(split, items)
+        splits[split] = order(split, flat_archive_items(found[split], cache, gt_name, gt_ids, id_to_wnid, index))
     return Source(f"ilsvrc{year}", class_list(wnids, names), splits)
+
+
+def train_archive_items(archive: Path, train_classes: dict[str, list[tuple[str, int, int]]],
+                        index: dict[str, int]) -> list[Item]:
+    """The images of the per-class tars inside the train archive, labelled by their class tar's WNID."""
+    items = []
+    for wnid in sorted(train_classes):
+        members = train_classes[wnid]
+        keys = unique_keys([(wnid, stem(n)) for n, _, _ in members])
+        items += [Item(k, index[wnid], f"{archive.name}/{wnid}.tar/{n}", str(archive), off, size)
+                  for k, (n, off, size) in zip(keys, members)]
+    return items
+
+
+def flat_archive_items(archive: Path, cache: Path | None, gt_name: str, gt_ids: list[int],
+                       id_to_wnid: dict[int, str], index: dict[str, int]) -> list[Item]:
+    """The images of a flat val or test archive, labelled by the line of the ground truth (`gt_ids`, one
+    ILSVRC20xx_ID per image, image 1 first) that their number names."""
+    path = str(archive)
+    members = sorted(cached_listing(archive, cache, lambda archive: tar_members(str(archive))),
+                     key=lambda m: (stem(m[0]), m[0]))
+    keys = unique_keys([("", stem(n)) for n, _, _ in members])
+    items = []
+    for position, (k, (n, off, size)) in enumerate(zip(keys, members)):
+        number = image_number(k) or position + 1
+        source = f"{archive.name}/{n}"
+        if not 1 <= number <= len(gt_ids):
+            items.append(Item(k, -1, source, path, off, size, f"no line {number} in {gt_name}"))
+            continue
+        wnid = id_to_wnid.get(gt_ids[number - 1])
+        if wnid is None or wnid not in index:
+            items.append(Item(k, -1, source, path, off, size,
+                              f"{gt_name} line {number}: ID {gt_ids[number - 1]} is not a training class"))
+            continue
+        items.append(Item(k, index[wnid], source, path, off, size))
+    return items
 
 
 def map_jobs(fn, jobs, workers):
@@ -416,7 +430,7 @@ def find_archives(raw: Path) -> tuple[str, dict[str, Path]] | None:
                         found.setdefault(split, p)
         if found.keys() - {"devkit"}:
             if "devkit" not in found:
-                raise UsageError(f"{raw}: ILSVRC{year} archives found but no ILSVRC{year}_devkit*.tar.gz "
+                raise LayoutError(f"{raw}: ILSVRC{year} archives found but no ILSVRC{year}_devkit*.tar.gz "
                                  "(it maps the validation labels to WNIDs)")
             return year, found
     return None
@@ -428,7 +442,7 @@ def detect(raw: str | os.PathLike, workers: int = 1, cache: Path | None = None) 
     """The layout of RAW and its inputs; `cache` (DATA/.build): where archive listings are kept for the next task."""
     raw = Path(raw)
     if not raw.is_dir():
-        raise UsageError(f"--raw={raw}: not a directory")
+        raise LayoutError(f"--raw={raw}: not a directory")
     archives = find_archives(raw)
     if archives:
         return archive_layout(raw, archives[0], archives[1], workers, cache)
@@ -436,11 +450,11 @@ def detect(raw: str | os.PathLike, workers: int = 1, cache: Path | None = None) 
     if (kaggle / "train").is_dir():
         mapping, solution = raw / "LOC_synset_mapping.txt", raw / "LOC_val_solution.csv"
         if not mapping.is_file():
-            raise UsageError(f"{raw}: Kaggle layout found but no LOC_synset_mapping.txt")
+            raise LayoutError(f"{raw}: Kaggle layout found but no LOC_synset_mapping.txt")
         val_labels = None
         if (kaggle / "val").is_dir():
             if not solution.is_file():
-                raise UsageError(f"{raw}: Kaggle layout with a val folder but no LOC_val_solution.csv")
+                raise LayoutError(f"{raw}: Kaggle layout with a val folder but no LOC_val_solution.csv")
             val_labels = read_kaggle_solution(solution)
         return folder_splits(raw, kaggle, "kaggle", read_synset_names(mapping), val_labels)
     if (raw / "train").is_dir():
@@ -448,7 +462,7 @@ def detect(raw: str | os.PathLike, workers: int = 1, cache: Path | None = None) 
         return folder_splits(raw, raw, "folders", read_synset_names(names_file) if names_file else {})
     listing = sorted(p.name + ("/" if p.is_dir() else "") for p in raw.iterdir())
     shown = ", ".join(listing[:12]) + (f" ... ({len(listing)} entries)" if len(listing) > 12 else "")
-    raise UsageError(f"{raw}: no ImageNet layout recognised (expected ILSVRC2012_img_*.tar + devkit, "
+    raise LayoutError(f"{raw}: no ImageNet layout recognised (expected ILSVRC2012_img_*.tar + devkit, "
                      f"ILSVRC2010 archives, train/<wnid>/ folders or Kaggle ILSVRC/Data/CLS-LOC); "
                      f"found: {shown or 'nothing'}")
 

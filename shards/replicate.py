@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 
 from config import parse_config
-from runtime import UsageError, run_main, shard_path
-from shards.build import atomic_write
-
-MANIFEST, STATS = "manifest.json", "stats.npz"
+from runtime import UsageError, atomic_path, run_main, shard_path, usage_errors
+from shards import MANIFEST, STATS
 
 
 @dataclasses.dataclass
@@ -47,7 +45,8 @@ def replicate(data: Path, out: Path, copies: int) -> dict:
                 split[count] *= copies
     manifest["params"].update(replicated=copies, note="benchmark data: the same images copied; never train on it")
     shutil.copyfile(data / STATS, out / STATS)
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    with atomic_path(out / MANIFEST) as tmp:
+        tmp.write_bytes((json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 
@@ -62,10 +61,8 @@ def replicate_main(argv: list[str]) -> None:
         raise UsageError(f"--copies={cfg.copies}: must be at least 1")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out={out} is not empty")
-    try:
+    with usage_errors():  # already replicated, or a shard path outside DATA
         manifest = replicate(data, out, cfg.copies)
-    except ValueError as e:  # already replicated, or a shard path outside DATA
-        raise UsageError(str(e)) from None
     sizes = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"{out}: {cfg.copies} copies of {data}: {sizes} samples (benchmarking only)", file=sys.stderr)
 

@@ -15,17 +15,16 @@ greyscale JPEG and an EXIF-rotated JPEG. The same seed gives byte-identical arch
 """
 import gzip
 import io
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from PIL import Image
 
 from config import parse_config
-from runtime import UsageError
+from runtime import atomic_path, usage_errors
+from shards.image import ORIENTATION_TAG
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -33,7 +32,6 @@ DEVKIT_ARCHIVE = "ILSVRC2012_devkit_t12.tar.gz"
 DEVKIT_DATA = "ILSVRC2012_devkit_t12/data"
 
 ARCHIVE_MTIME = 1338508800  # seconds since 1970 (2012-06-01): fixed, so that the archives are byte-identical
-EXIF_ORIENTATION_TAG = 0x0112
 ROTATED_90_CW = 6  # EXIF orientation: turn the stored pixels 90 degrees clockwise to display them upright
 SHORT_SIDE_PX = (256, 500)  # shorter side of most images; ImageNet's are mostly 333..500
 SMALL_SHORT_SIDE_PX = (100, 255)  # shorter side of every SMALL_EVERY-th image, which shard writing must upscale
@@ -222,7 +220,7 @@ def encode(image: Image.Image, oddity: str | None, quality: int) -> bytes:
         image.convert("L").save(buffer, "JPEG", quality=quality)
     elif oddity == "exif_rotated":
         exif = Image.Exif()
-        exif[EXIF_ORIENTATION_TAG] = ROTATED_90_CW
+        exif[ORIENTATION_TAG] = ROTATED_90_CW
         # Stored turned 90 degrees anticlockwise, so that the clockwise turn the tag asks for makes it upright.
         image.transpose(Image.Transpose.ROTATE_90).save(buffer, "JPEG", quality=quality, exif=exif.tobytes())
     else:
@@ -259,9 +257,8 @@ def tar_bytes(members: list[tuple[str, bytes | None]]) -> bytes:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Write via a temporary name, so that an interrupted run never leaves a truncated archive behind."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    with atomic_path(path) as partial:
+        partial.write_bytes(data)
 
 
 def train_archive(cfg: SampleConfig) -> bytes:
@@ -297,6 +294,8 @@ def val_archive(cfg: SampleConfig, classes: list[int]) -> bytes:
 
 def meta_mat(train_per_class: int) -> bytes:
     """meta.mat as the real devkit has it: a (N, 1) struct array `synsets`, leaves first with IDs 1..K."""
+    import scipy.io  # only here: keeps every `python -m shards` command, which imports this module, quick to start
+
     ids = {c.wnid: c.ilsvrc_id for c in CLASSES}
     rows = [(c.ilsvrc_id, c.wnid, c.words, c.gloss, 0, np.zeros((1, 0), np.uint8), 0, train_per_class)
             for c in sorted(CLASSES, key=lambda c: c.ilsvrc_id)]
@@ -332,13 +331,14 @@ def devkit_archive(cfg: SampleConfig, classes: list[int]) -> bytes:
 
 
 def check_config(cfg: SampleConfig) -> None:
+    """NotADirectoryError or ValueError naming the option when `cfg` describes no sample to write."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out={cfg.out} exists and is not a directory")
+        raise NotADirectoryError(f"--out={cfg.out} exists and is not a directory")
     if cfg.train_per_class < 1 or cfg.val_per_class < 1:
-        raise UsageError("--train_per_class and --val_per_class must be at least 1")
+        raise ValueError("--train_per_class and --val_per_class must be at least 1")
     if cfg.train_per_class > TRAIN_NUMBER_RANGE[1] - TRAIN_NUMBER_RANGE[0]:
-        raise UsageError(f"--train_per_class={cfg.train_per_class}: at most {TRAIN_NUMBER_RANGE[1] - 1}")
+        raise ValueError(f"--train_per_class={cfg.train_per_class}: at most {TRAIN_NUMBER_RANGE[1] - 1}")
 
 
 def write_sample(cfg: SampleConfig) -> dict[str, Path]:
@@ -357,7 +357,8 @@ def write_sample(cfg: SampleConfig) -> dict[str, Path]:
 
 def sample_main(argv: list[str]) -> None:
     cfg = parse_config(SampleConfig, argv, description=__doc__)
-    paths = write_sample(cfg)
+    with usage_errors():
+        paths = write_sample(cfg)
     num_train, num_val = len(CLASSES) * cfg.train_per_class, len(CLASSES) * cfg.val_per_class
     oddities = ", ".join(description for _, _, description in ODDITIES)
     print(f"wrote {paths['train']}: {len(CLASSES)} classes x {cfg.train_per_class} = {num_train} images "

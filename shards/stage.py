@@ -24,11 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from config import parse_config
-from runtime import UsageError, run_main, shard_path
+from runtime import UsageError, run_main, shard_path, usage_errors
+from shards import MANIFEST, STATS
 from shards.verify import verify_shard
 
-MANIFEST = "manifest.json"
-STATS = "stats.npz"
 GB = 1e9
 
 
@@ -43,11 +42,11 @@ class StageConfig:
 def load_manifest(data: Path) -> dict:
     path = data / MANIFEST
     if not path.is_file():
-        raise UsageError(f"{data} is not a shard directory: no {MANIFEST} (run `make shards` first)")
+        raise FileNotFoundError(f"{data} is not a shard directory: no {MANIFEST} (run `make shards` first)")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def shard_entries(manifest: dict, splits: str, data: Path) -> list[dict]:
@@ -55,22 +54,19 @@ def shard_entries(manifest: dict, splits: str, data: Path) -> list[dict]:
     wanted = [s for s in splits.split(",") if s] or list(available)
     for split in wanted:
         if split not in available:
-            raise UsageError(f"--splits: no split {split!r} in the manifest (it has {', '.join(available)})")
+            raise ValueError(f"--splits: no split {split!r} in the manifest (it has {', '.join(available)})")
     entries = [entry for split in wanted for entry in available[split]["shards"]]
     for entry in entries:  # relative and inside DATA, so that the copy lands inside --to as well
-        try:
-            shard_path(data, entry["file"])
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        shard_path(data, entry["file"])
     return entries
 
 
 def shard_bytes(entry: dict, data: Path) -> int:
-    """Size of a shard and its index in `data`; a UsageError when either is missing."""
+    """Size of a shard and its index in `data`; a FileNotFoundError when either is missing."""
     size = 0
     for src in (data / entry["file"], (data / entry["file"]).with_suffix(".idx")):
         if not src.is_file():
-            raise UsageError(f"{src} is listed in the manifest but missing: the shard directory is incomplete")
+            raise FileNotFoundError(f"{src} is listed in the manifest but missing: the shard directory is incomplete")
         size += src.stat().st_size
     return size
 
@@ -82,7 +78,11 @@ def partial_dir(to: Path) -> Path:
 
 def copy_atomically(src: Path, to: Path) -> None:
     """Copy `src` into `to` under a temporary name and rename it: an interrupted copy never looks like a finished one,
-    and a reader that has the old file open keeps reading the old file."""
+    and a reader that has the old file open keeps reading the old file.
+
+    The temporary name is in this process's partial directory, not runtime.atomic_path's one fixed name beside the
+    file: two jobs may stage into the same directory at once, and a shard's tar and index are checked as a pair
+    there before either is renamed (see stage_shard)."""
     tmp = partial_dir(to) / src.name
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, tmp)
@@ -105,7 +105,8 @@ def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
     """Bring one shard and its index to `to`; returns (bytes, whether they were copied).
 
     Both are copied side by side into this process's partial directory and checked there (verify_shard reads the
-    index next to the tar); only a verified pair is renamed into place. stage_main removes what an error leaves.
+    index next to the tar); only a verified pair is renamed into place, which atomic_path, one file at a time beside
+    its final name, cannot do. copy_shards removes what an error leaves.
     """
     if is_staged(entry, data, to):
         return shard_bytes(entry, data), False
@@ -118,7 +119,7 @@ def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
     shutil.copyfile(data / tar, tmp / tar)
     problem = verify_shard(tmp / tar, entry)
     if problem is not None:
-        raise UsageError(f"the copy in {to} fails verification: {problem} (check the source with "
+        raise ValueError(f"the copy in {to} fails verification: {problem} (check the source with "
                          f"`python -m shards verify --data={data}`)")
     os.replace(tmp / idx, to / idx)
     os.replace(tmp / tar, to / tar)
@@ -129,7 +130,7 @@ def check_same_shard_set(data: Path, to: Path) -> None:
     """A manifest at `to` must be DATA's own: any other describes shards that a job may be reading."""
     staged = to / MANIFEST
     if staged.is_file() and not same_bytes(data / MANIFEST, staged):
-        raise UsageError(f"{to} holds another shard set (its {MANIFEST} differs from {data}'s), perhaps in use by "
+        raise ValueError(f"{to} holds another shard set (its {MANIFEST} differs from {data}'s), perhaps in use by "
                          "a running job: stage to another directory (one per job: STAGE_TO=job in slurm/), or delete "
                          "it first")
 
@@ -138,30 +139,13 @@ def check_space(entries: list[dict], data: Path, to: Path) -> None:
     needed = sum(shard_bytes(e, data) for e in entries if not (to / e["file"]).is_file())
     free = shutil.disk_usage(to).free
     if needed > free:
-        raise UsageError(f"{to} has {free / GB:.1f} GB free, staging needs {needed / GB:.1f} GB more")
+        raise ValueError(f"{to} has {free / GB:.1f} GB free, staging needs {needed / GB:.1f} GB more")
 
 
-def stage_main(argv: list[str]) -> None:
-    cfg = parse_config(StageConfig, argv, description=__doc__)
-    if not cfg.data or not cfg.to:
-        raise UsageError("both --data=<shard dir> and --to=<local dir> are required")
-    if cfg.workers < 1:
-        raise UsageError(f"--workers={cfg.workers}: expected at least 1")
-    data, to = Path(cfg.data), Path(cfg.to)
-    manifest = load_manifest(data)
-    if not (data / STATS).is_file():
-        raise UsageError(f"{data} is not a complete shard directory: no {STATS}")
-    to.mkdir(parents=True, exist_ok=True)
-    if to.resolve() == data.resolve():
-        raise UsageError(f"--to={cfg.to} is the shard directory itself")
-    entries = shard_entries(manifest, cfg.splits, data)
-    check_same_shard_set(data, to)
-    check_space(entries, data, to)
-
-    start = time.perf_counter()
-    total = sum(shard_bytes(e, data) for e in entries)
+def copy_shards(entries: list[dict], data: Path, to: Path, workers: int, total: int) -> tuple[int, int]:
+    """Stage every shard (`total` bytes), then stats.npz, then the manifest; returns (shards copied, bytes copied)."""
     copied_files = copied_bytes = 0
-    pool = ThreadPoolExecutor(cfg.workers)
+    pool = ThreadPoolExecutor(workers)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"stage {to}", file=sys.stderr) as bar:
             for size, copied in pool.map(lambda e: stage_shard(e, data, to), entries):
@@ -174,6 +158,29 @@ def stage_main(argv: list[str]) -> None:
     finally:
         pool.shutdown(cancel_futures=True)  # on an error, report it now rather than after copying the rest
         shutil.rmtree(partial_dir(to), ignore_errors=True)
+    return copied_files, copied_bytes
+
+
+def stage_main(argv: list[str]) -> None:
+    cfg = parse_config(StageConfig, argv, description=__doc__)
+    if not cfg.data or not cfg.to:
+        raise UsageError("both --data=<shard dir> and --to=<local dir> are required")
+    if cfg.workers < 1:
+        raise UsageError(f"--workers={cfg.workers}: expected at least 1")
+    data, to = Path(cfg.data), Path(cfg.to)
+    with usage_errors():
+        manifest = load_manifest(data)
+        if not (data / STATS).is_file():
+            raise UsageError(f"{data} is not a complete shard directory: no {STATS}")
+        to.mkdir(parents=True, exist_ok=True)
+        if to.resolve() == data.resolve():
+            raise UsageError(f"--to={cfg.to} is the shard directory itself")
+        entries = shard_entries(manifest, cfg.splits, data)
+        check_same_shard_set(data, to)
+        check_space(entries, data, to)
+        start = time.perf_counter()
+        total = sum(shard_bytes(e, data) for e in entries)
+        copied_files, copied_bytes = copy_shards(entries, data, to, cfg.workers, total)
     seconds = time.perf_counter() - start
     print(f"staged {len(entries)} shards ({total / GB:.2f} GB) to {to} in {seconds:.0f} s: "
           f"{copied_files} copied ({copied_bytes / GB / max(seconds, 1e-9):.2f} GB/s), "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from config import parse_config
 from runtime import UsageError, run_main, shard_path
-from shards import tario
+from shards import MANIFEST, STATS, tario
 
 READ_BYTES = 1 << 22  # hash in 4 MiB reads
 
@@ -65,7 +65,7 @@ def verify_shard(path: str | Path, expected: dict) -> str | None:
 def verify(data: str | Path) -> list[str]:
     """Problems found in DATA (empty when every shard listed in the manifest is intact)."""
     data = Path(data)
-    manifest_path = data / "manifest.json"
+    manifest_path = data / MANIFEST
     if not manifest_path.is_file():
         return [f"{manifest_path}: missing (no complete build here)"]
     try:
@@ -83,8 +83,8 @@ def verify(data: str | Path) -> list[str]:
                 problem = str(e)
             if problem:
                 problems.append(problem)
-    if not (data / "stats.npz").is_file():
-        problems.append("stats.npz: missing")
+    if not (data / STATS).is_file():
+        problems.append(f"{STATS}: missing")
     return problems
 
 
@@ -95,7 +95,7 @@ def verify_main(argv: list[str]) -> None:
     if not Path(cfg.data).is_dir():
         raise UsageError(f"--data={cfg.data}: not a directory")
     problems = verify(cfg.data)
-    manifest = Path(cfg.data) / "manifest.json"
+    manifest = Path(cfg.data) / MANIFEST
     if problems:
         for p in problems:
             print(f"BAD {p}", file=sys.stderr)

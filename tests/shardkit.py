@@ -1,10 +1,13 @@
-"""Small shard directories for tests, in the docs/FORMAT.md layout.
+"""Small shard directories for tests, in the docs/FORMAT.md layout, and the helpers the tests share.
 
 Two ways to make one:
 - `build_with_shards(tmp, images)`: writes the images as class folders and runs `python -m shards build`, so a
   test covers the whole chain (writer -> pipeline).
 - `write_data(tmp, splits)`: writes the tars, DALI indexes, manifest and stats.npz directly (no writer needed):
   for tests of the reading side alone and for shards that must be precisely controlled.
+
+Inputs for the writer: `make_folders` (class folders of small random images), `jpeg_bytes` (an image file).
+Reading what it wrote: `all_samples`, `read_samples`, `tree_bytes`. Running it: `run_cli`.
 """
 import hashlib
 import io
@@ -18,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from shards.build import BUILD_DIR, FORMAT_VERSION, BuildConfig
+from shards.image import SIZE
+from tests.conftest import REPO
 
 
 def find_wds2idx() -> Path | None:
@@ -30,11 +35,19 @@ def find_wds2idx() -> Path | None:
 
 
 WDS2IDX = find_wds2idx()
+QUALITY = BuildConfig.quality  # what a build writes by default
 
 
-def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+def noise_rgb(rng: np.random.Generator, height: int = 40, width: int = 60) -> np.ndarray:
+    """Random HWC uint8 RGB pixels."""
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 75, *, mode: str = "RGB", fmt: str = "JPEG") -> bytes:
+    """The file of HWC uint8 RGB pixels: a JPEG (75: Pillow's default quality), or, for the inputs a build must
+    convert, the pixels converted to another `mode` (CMYK, L, RGBA, P) and saved in another `fmt` (PNG, GIF)."""
     out = io.BytesIO()
-    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(out, format="JPEG", quality=quality)
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).convert(mode).save(out, format=fmt, quality=quality)
     return out.getvalue()
 
 
@@ -75,20 +88,20 @@ def pca_of(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, shard_size: int = 8,
                num_classes: int | None = None, mean_image: np.ndarray | None = None,
                eigval=None, eigvec=None) -> Path:
-    """A complete DATA directory from {split: [(rgb 256x256x3 uint8, class), ...]}; returns `root`.
+    """A complete DATA directory from {split: [(rgb SIZE x SIZE x 3 uint8, class), ...]}; returns `root`.
 
     Statistics come from the decoded training JPEGs unless given. Samples keep their order, so a sample's
     `.pos` is its position in the list.
     """
     root = Path(root)
     num_classes = num_classes or 1 + max(c for items in splits.values() for _, c in items)
-    manifest = {"format": 2, "splits": {}, "rejected": [], "converted": [],
+    manifest = {"format": FORMAT_VERSION, "splits": {}, "rejected": [], "converted": [],
                 "classes": [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(num_classes)]}
     given = mean_image is not None and eigval is not None and eigvec is not None
     decoded = {}
     for split, items in splits.items():
         shards = []
-        jpegs = [jpeg_bytes(rgb) for rgb, _ in items]
+        jpegs = [jpeg_bytes(rgb, QUALITY) for rgb, _ in items]
         decoded[split] = [] if given else [decode(j) for j in jpegs]
         for start in range(0, len(items), shard_size):
             file = f"{split}/{split}-{start // shard_size:06d}.tar"
@@ -106,8 +119,8 @@ def write_data(root: Path, splits: dict[str, list[tuple[np.ndarray, int]]], *, s
     rgb_mean = np.asarray(mean_image, np.float64).reshape(-1, 3).mean(0)
     manifest["stats"] = {"rgb_mean": rgb_mean.tolist(), "pca_eigval": np.asarray(eigval).tolist(),
                          "pca_eigvec": np.asarray(eigvec).tolist(),
-                         "num_pixels": 256 * 256 * len(splits.get("train") or next(iter(splits.values())))}
-    manifest["params"] = {"size": 256, "quality": 90, "shard_size": shard_size}
+                         "num_pixels": SIZE * SIZE * len(splits.get("train") or next(iter(splits.values())))}
+    manifest["params"] = {"size": SIZE, "quality": QUALITY, "shard_size": shard_size}
     np.savez(root / "stats.npz", mean_image=np.asarray(mean_image, np.float64), rgb_mean=rgb_mean,
              pca_eigval=np.asarray(eigval, np.float64), pca_eigvec=np.asarray(eigvec, np.float64))
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -164,6 +177,53 @@ def build_with_shards(tmp: Path, splits: dict[str, list[tuple[np.ndarray, int]]]
     """Class folders under tmp/raw, then `python -m shards build --raw=tmp/raw --out=tmp/data`; returns the DATA dir."""
     raw = write_class_folders(Path(tmp) / "raw", splits)
     out = Path(tmp) / "data"
-    subprocess.run([sys.executable, "-m", "shards", "build", f"--raw={raw}", f"--out={out}", *args],
-                   cwd=REPO, check=True, capture_output=True, text=True)
+    run_cli("build", f"--raw={raw}", f"--out={out}", *args)
     return out
+
+
+def make_folders(root: Path, classes=("n01", "n02", "n03"), train=6, val=2, seed=0, names=None) -> Path:
+    """train/<class>/<class>_<i>.JPEG and val/<class>/val_<class>_<i>.JPEG, small random images of varied sizes."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("val", val)):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                name = f"{c}_{i}.JPEG" if split == "train" else f"val_{c}_{i}.JPEG"
+                (d / name).write_bytes(jpeg_bytes(noise_rgb(rng, 30 + 7 * i, 50 + 3 * i)))
+    if names:
+        (root / "synset_words.txt").write_text("".join(f"{w} {n}\n" for w, n in names.items()))
+    return root
+
+
+def run_cli(*args, check=True) -> subprocess.CompletedProcess:
+    """`python -m shards *args` from the repository; an AssertionError with its output when it fails and `check`."""
+    proc = subprocess.run([sys.executable, "-m", "shards", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_shard(path: Path) -> list[dict]:
+    """Samples of a shard in tar order: {"__key__": key, ext: bytes, ...}."""
+    samples = []
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][ext] = tar.extractfile(m).read()
+    return samples
+
+
+def all_samples(data: Path, split: str) -> list[dict]:
+    """Samples of a split in manifest and tar order (see `read_shard`)."""
+    manifest = json.loads((data / "manifest.json").read_text())
+    return [s for sh in manifest["splits"][split]["shards"] for s in read_shard(data / sh["file"])]
+
+
+def tree_bytes(data: Path) -> dict[str, bytes]:
+    """Every file a build leaves in DATA (not its working files in .build), by relative path: to compare builds."""
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
+            if p.is_file() and BUILD_DIR not in p.parts}

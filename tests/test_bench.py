@@ -13,7 +13,8 @@ from PIL import Image
 import train
 from bench import training
 from model import recipe
-from tests.shardkit import REPO, write_data
+from tests.conftest import REPO
+from tests.shardkit import write_data
 
 ROWS = ("preprocess", "preprocess_naive", "limit", "pipeline", "pipeline_webdataset", "dali_stock", "alternative",
         "tencrop", "model", "end_to_end")

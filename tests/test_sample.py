@@ -10,16 +10,18 @@ import pytest
 import scipy.io
 from PIL import Image, ImageOps
 
+from shards.image import ORIENTATION_TAG
+from shards.sample import (CLASSES, DEVKIT_ARCHIVE, DEVKIT_DATA, ROTATED_90_CW, TRAIN_ARCHIVE, VAL_ARCHIVE,
+                           SampleConfig, draw_image, encode, write_sample)
 from tests.conftest import REPO
-from shards.sample import CLASSES, SampleConfig, draw_image, encode, write_sample
 
 TRAIN_PER_CLASS = 9  # enough for one image with a shorter side below 256 per class
 VAL_PER_CLASS = 3
-NUM_CLASSES = 10
+NUM_CLASSES = len(CLASSES)
+# What the real devkit's meta.mat holds per synset, in its order: written out here, the format the sample imitates.
 SYNSET_FIELDS = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
                  "num_train_images"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EXIF_ORIENTATION_TAG = 0x0112
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def sample_dir(tmp_path_factory):
 def train_files(sample_dir) -> dict[str, dict[str, bytes]]:
     """{class tar name: {image name: file bytes}}, read from the nested training archive."""
     files = {}
-    with tarfile.open(sample_dir / "ILSVRC2012_img_train.tar") as outer:
+    with tarfile.open(sample_dir / TRAIN_ARCHIVE) as outer:
         for member in outer.getmembers():
             with tarfile.open(fileobj=outer.extractfile(member)) as inner:
                 files[member.name] = {m.name: inner.extractfile(m).read() for m in inner.getmembers()}
@@ -42,25 +44,25 @@ def train_files(sample_dir) -> dict[str, dict[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def val_files(sample_dir) -> dict[str, bytes]:
-    with tarfile.open(sample_dir / "ILSVRC2012_img_val.tar") as tar:
+    with tarfile.open(sample_dir / VAL_ARCHIVE) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
 @pytest.fixture(scope="module")
 def devkit(sample_dir) -> dict[str, bytes]:
-    with tarfile.open(sample_dir / "ILSVRC2012_devkit_t12.tar.gz") as tar:
+    with tarfile.open(sample_dir / DEVKIT_ARCHIVE) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
 @pytest.fixture(scope="module")
 def synsets(devkit):
-    meta = io.BytesIO(devkit["ILSVRC2012_devkit_t12/data/meta.mat"])
+    meta = io.BytesIO(devkit[f"{DEVKIT_DATA}/meta.mat"])
     return scipy.io.loadmat(meta, squeeze_me=True)["synsets"]
 
 
 @pytest.fixture(scope="module")
 def ground_truth(devkit) -> list[int]:
-    return [int(line) for line in devkit["ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"].split()]
+    return [int(line) for line in devkit[f"{DEVKIT_DATA}/ILSVRC2012_validation_ground_truth.txt"].split()]
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -124,7 +126,7 @@ def test_training_set_has_imagenets_oddities(train_files):
                 found.add("cmyk")
             if image.mode == "L":
                 found.add("greyscale")
-            if image.getexif().get(EXIF_ORIENTATION_TAG) == 6:
+            if image.getexif().get(ORIENTATION_TAG) == ROTATED_90_CW:
                 found.add("exif_rotated")
                 assert ImageOps.exif_transpose(image).size == image.size[::-1]
     assert found == {"png", "cmyk", "greyscale", "exif_rotated"}
@@ -164,8 +166,7 @@ def test_same_seed_gives_identical_archives(sample_dir, tmp_path):
 def test_other_seed_gives_other_images(sample_dir, tmp_path):
     write_sample(SampleConfig(out=str(tmp_path), seed=1, train_per_class=2, val_per_class=1))
     first_val = "ILSVRC2012_val_00000001.JPEG"
-    with tarfile.open(tmp_path / "ILSVRC2012_img_val.tar") as other, \
-            tarfile.open(sample_dir / "ILSVRC2012_img_val.tar") as seed_0:
+    with tarfile.open(tmp_path / VAL_ARCHIVE) as other, tarfile.open(sample_dir / VAL_ARCHIVE) as seed_0:
         assert other.extractfile(first_val).read() != seed_0.extractfile(first_val).read()
 
 
@@ -180,4 +181,4 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, args):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert not (tmp_path / "ILSVRC2012_img_train.tar").exists()
+    assert not (tmp_path / TRAIN_ARCHIVE).exists()

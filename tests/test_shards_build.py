@@ -3,71 +3,14 @@ import io
 import json
 import shutil
 import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from shards import build, tario
-from tests.shardkit import WDS2IDX
-
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
-
-
-def jpeg_bytes(rng, height=40, width=60, mode="RGB", fmt="JPEG", **save) -> bytes:
-    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    im = Image.fromarray(pixels).convert(mode)
-    out = io.BytesIO()
-    im.save(out, format=fmt, **save)
-    return out.getvalue()
-
-
-def make_folders(root: Path, classes=("n01", "n02", "n03"), train=6, val=2, seed=0, names=None) -> Path:
-    """train/<class>/<class>_<i>.JPEG and val/<class>/val_<class>_<i>.JPEG, small random images of varied sizes."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train), ("val", val)):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                name = f"{c}_{i}.JPEG" if split == "train" else f"val_{c}_{i}.JPEG"
-                (d / name).write_bytes(jpeg_bytes(rng, 30 + 7 * i, 50 + 3 * i))
-    if names:
-        (root / "synset_words.txt").write_text("".join(f"{w} {n}\n" for w, n in names.items()))
-    return root
-
-
-def run_cli(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PYTHON, "-m", "shards", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def read_shard(path: Path) -> list[dict]:
-    """Samples of a shard in tar order: {key: ..., ext: bytes}."""
-    samples = []
-    with tarfile.open(path) as tar:
-        for m in tar:
-            key, ext = m.name.split(".", 1)
-            if not samples or samples[-1]["__key__"] != key:
-                samples.append({"__key__": key})
-            samples[-1][ext] = tar.extractfile(m).read()
-    return samples
-
-
-def all_samples(data: Path, split: str) -> list[dict]:
-    manifest = json.loads((data / "manifest.json").read_text())
-    return [s for sh in manifest["splits"][split]["shards"] for s in read_shard(data / sh["file"])]
-
-
-def tree_bytes(data: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
-            if p.is_file() and ".build" not in p.parts}
+from tests.shardkit import WDS2IDX, all_samples, jpeg_bytes, make_folders, noise_rgb, run_cli, tree_bytes
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +32,7 @@ def test_folder_build_writes_the_format(folders_build):
     assert (train["num_samples"], val["num_samples"]) == (18, 6)
     assert [s["file"] for s in train["shards"]] == [f"train/train-00000{i}.tar" for i in range(4)]
     assert [s["num_samples"] for s in train["shards"]] == [5, 5, 5, 3]
-    assert manifest["params"]["shard_size"] == 5 and manifest["params"]["quality"] == 90
+    assert manifest["params"]["shard_size"] == 5 and manifest["params"]["quality"] == build.BuildConfig.quality
     assert manifest["params"]["layout"] == "folders"
     for split in ("train", "val"):
         for sh in manifest["splits"][split]["shards"]:
@@ -199,7 +142,7 @@ def test_duplicate_file_names_across_classes_get_unique_keys(tmp_path):
     for c in ("a", "b"):
         for i in range(2):
             (tmp_path / "raw/train" / c).mkdir(parents=True, exist_ok=True)
-            (tmp_path / "raw/train" / c / f"img.{i}.jpg").write_bytes(jpeg_bytes(rng))
+            (tmp_path / "raw/train" / c / f"img.{i}.jpg").write_bytes(jpeg_bytes(noise_rgb(rng)))
     build.build(build.BuildConfig(raw=str(tmp_path / "raw"), out=str(tmp_path / "data"), workers=1))
     keys = sorted(s["__key__"] for s in all_samples(tmp_path / "data", "train"))
     assert keys == ["a_img_0", "a_img_1", "b_img_0", "b_img_1"]
@@ -216,8 +159,6 @@ def test_unknown_layout_is_a_one_line_error(tmp_path):
 
 
 def test_member_headers_are_the_ones_pythons_tarfile_writes():
-    import tarfile
-
     from shards.tario import member_header
 
     def tarfile_header(name: str, size: int) -> bytes:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from runtime import UsageError
 from shards import build, layouts
-from tests.test_shards_build import all_samples, jpeg_bytes, run_cli
+from shards.sample import DEVKIT_ARCHIVE, TRAIN_ARCHIVE, VAL_ARCHIVE
+from tests.shardkit import all_samples, jpeg_bytes, noise_rgb, run_cli
 
 
 def tar_bytes(members) -> bytes:
@@ -61,9 +61,9 @@ def test_ilsvrc2012_archives_from_the_builtin_sample(tmp_path):
     assert manifest["splits"]["train"]["num_samples"] == 60 and manifest["splits"]["val"]["num_samples"] == 30
     assert "train: 60 inputs = 60 written + 0 rejected" in proc.stderr
     # Labels, independently: devkit meta.mat + ground truth, ID -> WNID -> position among the sorted train WNIDs.
-    with tarfile.open(raw / "ILSVRC2012_img_train.tar") as tar:
+    with tarfile.open(raw / TRAIN_ARCHIVE) as tar:
         wnids = sorted(Path(m.name).stem for m in tar)
-    with tarfile.open(raw / "ILSVRC2012_devkit_t12.tar.gz") as tar:
+    with tarfile.open(raw / DEVKIT_ARCHIVE) as tar:
         files = {Path(m.name).name: tar.extractfile(m).read() for m in tar if m.isfile()}
     synsets = scipy.io.loadmat(io.BytesIO(files["meta.mat"]), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
@@ -98,7 +98,7 @@ def test_ilsvrc2012_real_images_and_devkit_labels(tmp_path, imagenet_sample_dir,
     numbers = [1, 2, 3, 4, 5, 777, 12345, 25000, 33333, 49999, 50000]
     rng = np.random.default_rng(0)
     (raw / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(
-        (f"ILSVRC2012_val_{n:08d}.JPEG", jpeg_bytes(rng, 20, 30)) for n in reversed(numbers)))
+        (f"ILSVRC2012_val_{n:08d}.JPEG", jpeg_bytes(noise_rgb(rng, 20, 30))) for n in reversed(numbers)))
     words = dict(line.rstrip("\n").split(" ", 1) for line in (imagenet_meta_dir / "synset_words.txt").open())
     rows = [(i, w, words.get(w, w), 0 if i <= 1000 else 3) for i, w in mapping_2012(imagenet_meta_dir)]
     (raw / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(targz_bytes([
@@ -167,11 +167,12 @@ def test_ilsvrc2010_archives_with_test_split(tmp_path, ilsvrc2010_devkit_dir):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "ILSVRC2010_images_train.tar").write_bytes(tar_bytes(
-        (f"{w}.tar", tar_bytes([(f"{w}_{i}.JPEG", jpeg_bytes(rng, 30, 40)) for i in range(2)])) for w in train_wnids))
+        (f"{w}.tar", tar_bytes([(f"{w}_{i}.JPEG", jpeg_bytes(noise_rgb(rng, 30, 40))) for i in range(2)]))
+        for w in train_wnids))
     (raw / "ILSVRC2010_images_val.tar").write_bytes(tar_bytes(
-        (f"val/ILSVRC2010_val_{n:08d}.JPEG", jpeg_bytes(rng, 30, 40)) for n in range(1, 7)))
+        (f"val/ILSVRC2010_val_{n:08d}.JPEG", jpeg_bytes(noise_rgb(rng, 30, 40))) for n in range(1, 7)))
     (raw / "ILSVRC2010_images_test.tar").write_bytes(tar_bytes(
-        (f"test/ILSVRC2010_test_{n:08d}.JPEG", jpeg_bytes(rng, 30, 40)) for n in range(1, 4)))
+        (f"test/ILSVRC2010_test_{n:08d}.JPEG", jpeg_bytes(noise_rgb(rng, 30, 40))) for n in range(1, 4)))
     test_ids = [1, 500, gt[0]]
     (raw / "ILSVRC2010_test_ground_truth.txt").write_text("".join(f"{v}\n" for v in test_ids))
     devkit = ilsvrc2010_devkit_dir
@@ -201,12 +202,12 @@ def test_kaggle_layout(tmp_path):
         d = raw / "ILSVRC/Data/CLS-LOC/train" / w
         d.mkdir(parents=True)
         for i in range(2):
-            (d / f"{w}_{i}.JPEG").write_bytes(jpeg_bytes(rng))
+            (d / f"{w}_{i}.JPEG").write_bytes(jpeg_bytes(noise_rgb(rng)))
     val = raw / "ILSVRC/Data/CLS-LOC/val"
     val.mkdir(parents=True)
     truth = {1: "n03", 2: "n01", 3: "n03", 4: "n02"}
     for n in truth:
-        (val / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(rng))
+        (val / f"ILSVRC2012_val_{n:08d}.JPEG").write_bytes(jpeg_bytes(noise_rgb(rng)))
     (raw / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(
         f"ILSVRC2012_val_{n:08d},{w} 1 2 30 40 {w} 5 6 7 8 \n" for n, w in truth.items()))
     (raw / "LOC_synset_mapping.txt").write_text("n01 one, uno\nn02 two\nn03 three\n")
@@ -224,24 +225,24 @@ def test_val_class_missing_from_train_is_an_error(tmp_path):
     rng = np.random.default_rng(0)
     for split, c in (("train", "a"), ("val", "a"), ("val", "zz")):
         (tmp_path / split / c).mkdir(parents=True, exist_ok=True)
-        (tmp_path / split / c / "x.jpg").write_bytes(jpeg_bytes(rng))
-    with pytest.raises(UsageError, match="zz"):
+        (tmp_path / split / c / "x.jpg").write_bytes(jpeg_bytes(noise_rgb(rng)))
+    with pytest.raises(layouts.LayoutError, match="zz"):
         layouts.detect(tmp_path)
 
 
 def test_flat_val_folder_is_an_error_not_a_silent_skip(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "train/a").mkdir(parents=True)
-    (tmp_path / "train/a/x.jpg").write_bytes(jpeg_bytes(rng))
+    (tmp_path / "train/a/x.jpg").write_bytes(jpeg_bytes(noise_rgb(rng)))
     (tmp_path / "val").mkdir()
-    (tmp_path / "val/ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(rng))
-    with pytest.raises(UsageError, match="no class folders"):
+    (tmp_path / "val/ILSVRC2012_val_00000001.JPEG").write_bytes(jpeg_bytes(noise_rgb(rng)))
+    with pytest.raises(layouts.LayoutError, match="no class folders"):
         layouts.detect(tmp_path)
 
 
 def test_archives_without_devkit_are_named(tmp_path):
     (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes([]))
-    with pytest.raises(UsageError, match="devkit"):
+    with pytest.raises(layouts.LayoutError, match="devkit"):
         layouts.detect(tmp_path)
 
 
@@ -283,16 +284,16 @@ def test_array_tasks_list_each_archive_once_and_again_when_it_changes(sample_raw
                         members(path, *window))
 
     first = layouts.detect(raw, cache=cache)  # the first task lists and keeps the listing
-    assert set(listed) == {"ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"}
+    assert set(listed) == {TRAIN_ARCHIVE, VAL_ARCHIVE}
     listed.clear()
     second = layouts.detect(raw, cache=cache)  # the others load it
     assert listed == []
     assert first.splits == second.splits == without_cache.splits
 
-    train = raw / "ILSVRC2012_img_train.tar"
+    train = raw / TRAIN_ARCHIVE
     os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))  # replaced since
     assert layouts.detect(raw, cache=cache).splits == without_cache.splits
-    assert set(listed) == {"ILSVRC2012_img_train.tar"}
+    assert set(listed) == {TRAIN_ARCHIVE}
 
 
 def test_listing_cache_works_without_flock(sample_raw, tmp_path, monkeypatch):
@@ -303,4 +304,4 @@ def test_listing_cache_works_without_flock(sample_raw, tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     cache = tmp_path / ".build"
     assert layouts.detect(sample_raw, cache=cache).splits == layouts.detect(sample_raw, cache=cache).splits
-    assert (cache / "listing-ILSVRC2012_img_train.tar.json").is_file()
+    assert (cache / f"listing-{TRAIN_ARCHIVE}.json").is_file()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime import UsageError
 from shards import build, image, verify
-from tests.test_shards_build import REPO, all_samples, jpeg_bytes, make_folders, run_cli, tree_bytes
+from tests.conftest import REPO
+from tests.shardkit import all_samples, jpeg_bytes, make_folders, noise_rgb, run_cli, tree_bytes
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -23,7 +23,7 @@ def exif_rotated_jpeg() -> bytes:
     pixels[:, :40] = (255, 0, 0)
     pixels[:, 40:] = (0, 0, 255)
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[image.ORIENTATION_TAG] = 6
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", exif=exif, quality=95)
     return out.getvalue()
@@ -40,20 +40,20 @@ def bad_build(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     raw = make_folders(root / "raw", classes=("a", "b"), train=3, val=1)
     rng = np.random.default_rng(5)
-    good = jpeg_bytes(rng, 64, 64)
+    good = jpeg_bytes(noise_rgb(rng, 64, 64))
     odd = {
         "train/a/empty.JPEG": b"",
         "train/a/truncated.JPEG": good[: len(good) // 2],
         "train/a/header_only.JPEG": good[:20],
         "train/a/notes.JPEG": b"these are not pixels\n" * 10,
         "train/b/README.txt": b"stray file\n",
-        "train/a/png_named.JPEG": jpeg_bytes(rng, fmt="PNG"),
-        "train/b/cmyk.JPEG": jpeg_bytes(rng, mode="CMYK"),
-        "train/b/grey.JPEG": jpeg_bytes(rng, mode="L"),
+        "train/a/png_named.JPEG": jpeg_bytes(noise_rgb(rng), fmt="PNG"),
+        "train/b/cmyk.JPEG": jpeg_bytes(noise_rgb(rng), mode="CMYK"),
+        "train/b/grey.JPEG": jpeg_bytes(noise_rgb(rng), mode="L"),
         "train/b/rotated.JPEG": exif_rotated_jpeg(),
-        "train/b/alpha.png": jpeg_bytes(rng, mode="RGBA", fmt="PNG"),
+        "train/b/alpha.png": jpeg_bytes(noise_rgb(rng), mode="RGBA", fmt="PNG"),
         "train/a/deep.png": png16(),
-        "train/a/palette.gif": jpeg_bytes(rng, mode="P", fmt="GIF"),
+        "train/a/palette.gif": jpeg_bytes(noise_rgb(rng), mode="P", fmt="GIF"),
         "val/a/val_empty.JPEG": b"",
         "train/loose.JPEG": good,
     }
@@ -143,7 +143,7 @@ def test_array_tasks_then_merge_give_the_same_bytes(reference, tmp_path):
         written |= mine
         assert not (out / "manifest.json").exists()
         if i == 1:
-            with pytest.raises(UsageError, match="not complete"):
+            with pytest.raises(ValueError, match="not complete"):
                 build.merge(out)
     run_cli("merge", f"--out={out}")
     assert tree_bytes(out) == tree_bytes(single)
@@ -159,7 +159,7 @@ def test_rerun_after_interruption_redoes_only_missing_shards(reference, tmp_path
         if len(calls) == 3:
             tar = args[0] / args[1].file  # half a shard on disk, as a kill leaves it
             tar.parent.mkdir(parents=True, exist_ok=True)
-            tar.with_name(tar.name + ".tmp").write_bytes(b"\0" * 1000)
+            tar.with_name(f"{tar.stem}.tmp.tar").write_bytes(b"\0" * 1000)
             raise KeyboardInterrupt
         calls.append(args[1].name)
         return real_write(*args, **kwargs)
@@ -169,17 +169,18 @@ def test_rerun_after_interruption_redoes_only_missing_shards(reference, tmp_path
     with pytest.raises(KeyboardInterrupt):
         build.build(cfg)
     assert not (out / "manifest.json").exists()
-    assert len(list(out.glob("*/*.tar"))) == 3 and list(out.glob("*/*.tmp"))
+    finished = [p for p in out.glob("*/*.tar") if not p.name.endswith(".tmp.tar")]
+    assert len(finished) == 3 and list(out.glob("*/*.tmp.tar"))
     monkeypatch.setattr(build, "write_shard", lambda *a, **k: calls.append(a[1].name) or real_write(*a, **k))
     build.build(cfg)
     assert len(calls) == len(set(calls)) == 7 + 3  # 10 shards in all, each written once
-    assert not list(out.glob("*/*.tmp"))
+    assert not list(out.glob("*/*.tmp.tar"))
     assert tree_bytes(out) == tree_bytes(single)
 
 
 def test_rerun_with_other_parameters_is_refused(reference):
     raw, single = reference
-    with pytest.raises(UsageError, match="seed"):
+    with pytest.raises(ValueError, match="seed"):
         build.build(build.BuildConfig(raw=str(raw), out=str(single), shard_size=3, workers=1, seed=7))
 
 
