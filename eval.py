@@ -187,10 +187,11 @@ def main(argv):
 
     def run_pass(crops: str, keep_predictions: bool):
         try:
-            loader = pipeline.eval_loader(data, cfg.split, crops, cfg.batch_size, device=device, rank=rank,
-                                          world_size=world_size, num_threads=cfg.num_threads or cpus, with_index=True,
-                                          dtype=cfg.dtype if device.type == "cuda" else None,
-                                          dont_use_mmap=cfg.storage == "network", read_ahead=cfg.storage == "network")
+            loader = pipeline.eval_loader(
+                data, cfg.split, crops, cfg.batch_size * world_size, rank=rank, world_size=world_size,
+                output=pipeline.Output(device=device, dtype=cfg.dtype if device.type == "cuda" else None,
+                                       with_index=True),
+                reading=pipeline.Reading(num_threads=cfg.num_threads or cpus, storage=cfg.storage))
         except ValueError as e:  # a manifest the user must fix (e.g. a shard path outside DATA)
             raise UsageError(str(e)) from None
         correct, count, predictions = evaluate(model, loader, device, cfg.dtype, keep_predictions)

@@ -294,11 +294,12 @@ def main(argv: list[str]) -> None:
 
     # ---- validation loader: each rank reads its own 1/world_size of the split
     per_rank = cfg.batch_size // world_size
-    io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
-    common = dict(device=device, rank=rank, world_size=world_size, mean=cfg.mean, channels_last=channels_last,
-                  dtype="bfloat16" if bf16 else "float32", num_threads=cfg.num_threads or cpus)
+    common = dict(rank=rank, world_size=world_size,
+                  output=pipeline.Output(device=device, dtype="bfloat16" if bf16 else "float32",
+                                         channels_last=channels_last, mean=cfg.mean),
+                  reading=pipeline.Reading(num_threads=cfg.num_threads or cpus, storage=cfg.storage))
     try:
-        val = pipeline.eval_loader(cfg.data, "val", "center", per_rank, **common, **io)
+        val = pipeline.eval_loader(cfg.data, "val", "center", cfg.batch_size, **common)
     except ValueError as e:  # a manifest the user must fix (e.g. a shard path outside DATA)
         raise UsageError(str(e)) from None
 
