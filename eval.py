@@ -154,11 +154,10 @@ def evaluate_crops(model, cfg: EvalConfig, rank: Rank, crops: str, keep_predicti
     """One pass over the split with `crops` ("ten" or "center"): (images, errors, predictions), totalled over ranks."""
     gpu = rank.device.type == "cuda"
     with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
-        loader = pipeline.eval_loader(cfg.data, cfg.split, crops, cfg.batch_size // rank.world_size,
-                                      device=rank.device, rank=rank.rank, world_size=rank.world_size,
-                                      num_threads=cfg.num_threads or rank.cpus, with_index=True,
-                                      dtype=cfg.dtype if gpu else None, dont_use_mmap=cfg.storage == "network",
-                                      read_ahead=cfg.storage == "network")
+        loader = pipeline.eval_loader(
+            cfg.data, cfg.split, crops, cfg.batch_size, rank=rank.rank, world_size=rank.world_size,
+            output=pipeline.Output(device=rank.device, dtype=cfg.dtype if gpu else None, with_index=True),
+            reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage))
     correct, count, predictions = score_split(model, loader, rank.device, cfg.dtype, keep_predictions)
     return reduce_results(correct, count, predictions, rank.world_size)
 

@@ -268,12 +268,12 @@ def make_loaders(cfg: TrainConfig, rank: Rank, numerics: Numerics, progress: Pro
     """(training, validation) loaders of this rank. Training: a new global permutation every epoch
     (pipeline/order.py), the same global batches on any number of ranks, a resumed run starting at its next global
     step without reading the ones before. Validation: each rank reads its own 1/world_size of the split."""
-    common = dict(device=rank.device, rank=rank.rank, world_size=rank.world_size, mean=cfg.mean,
-                  channels_last=numerics.channels_last, dtype=numerics.loader_dtype,
-                  num_threads=cfg.num_threads or rank.cpus)
-    io = dict(dont_use_mmap=True, read_ahead=True) if cfg.storage == "network" else {}
+    common = dict(rank=rank.rank, world_size=rank.world_size,
+                  output=pipeline.Output(device=rank.device, dtype=numerics.loader_dtype,
+                                         channels_last=numerics.channels_last, mean=cfg.mean),
+                  reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage))
     with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
-        val = pipeline.eval_loader(cfg.data, "val", "center", cfg.batch_size // rank.world_size, **common, **io)
+        val = pipeline.eval_loader(cfg.data, "val", "center", cfg.batch_size, **common)
         train = pipeline.train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=progress.epoch,
                                       start_step=progress.batches_done, steps_per_epoch=cfg.max_steps_per_epoch,
                                       lighting=cfg.lighting, **common)

@@ -7,7 +7,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from bench.harness import batches_work, endless
 from bench.loaders import webdataset_reader
-from pipeline import train_loader
+from pipeline import Reading, train_loader
 from pipeline.data import CROP, read_split
 
 
@@ -47,5 +47,5 @@ def cut_down_work(step, data, batch, threads):
 def breakdown_works(data, batch, threads) -> dict:
     works = {name: cut_down_work(step, data, batch, threads) for name, step in STEPS.items()}
     works["breakdown: train_loader (the paper's augmentation)"] = batches_work(endless(
-        train_loader(data, batch, num_threads=threads)))
+        train_loader(data, batch, reading=Reading(num_threads=threads))))
     return works

@@ -26,8 +26,8 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from bench.harness import batches_work, endless
-from bench.training import gpu_output
-from pipeline import eval_loader, pipelines, train_loader
+from bench.training import loader_output
+from pipeline import Reading, eval_loader, pipelines, train_loader
 from pipeline.data import CROP, SIZE, read_split, read_stats
 from pipeline.order import GlobalOrder, TrainSource, read_table
 from runtime import limit_threads
@@ -38,8 +38,8 @@ SHUFFLE_BUFFER = 4096  # samples: the webdataset reader's buffer in the previous
 
 
 def pipeline(data, batch, device, threads, hw_decoder_load=None, reader_workers=None):
-    loader = train_loader(data, batch, device=device, num_threads=threads, hw_decoder_load=hw_decoder_load,
-                          reader_workers=reader_workers, **gpu_output(device))
+    reading = Reading(num_threads=threads, reader_workers=reader_workers, hw_decoder_load=hw_decoder_load)
+    loader = train_loader(data, batch, output=loader_output(device), reading=reading)
     return batches_work(endless(loader))
 
 
@@ -58,8 +58,8 @@ def source(data, batch):
 
 
 def tencrop(data, batch, device, threads):
-    return batches_work(endless(eval_loader(data, "val", "ten", batch, device=device, num_threads=threads,
-                                            **gpu_output(device))))
+    return batches_work(endless(eval_loader(data, "val", "ten", batch, output=loader_output(device),
+                                            reading=Reading(num_threads=threads))))
 
 
 # ---------------------------------------------------------------------------------------------------- DALI peers
@@ -78,9 +78,9 @@ def previous_train(tars, indexes, mean_image, eigval, eigvec, gpu, channels_last
     alpha = fn.random.normal(shape=[3], stddev=0.1)
     shift = sum(alpha[j] * float(eigval[j] * 255) * types.Constant(eigvec[:, j].astype(np.float32))
                 for j in range(3))
-    images = pipelines.patch(jpegs, gpu, x, y, mirror=fn.random.coin_flip(dtype=types.INT32), offset=-shift,
-                             mean="pixel", mean_image=mean_image, rgb_mean=None, dtype="float32",
-                             channels_last=channels_last)
+    processing = pipelines.Processing(mean="pixel", mean_image=mean_image, rgb_mean=None, gpu=gpu,
+                                      channels_last=channels_last)
+    images = pipelines.patch(jpegs, processing, x, y, mirror=fn.random.coin_flip(dtype=types.INT32), offset=-shift)
     return images, labels
 
 

@@ -16,9 +16,11 @@ from model import recipe
 from runtime import Rank
 
 
-def gpu_output(device: torch.device) -> dict:
-    """What train.py and eval.py ask the loaders for on a GPU."""
-    return dict(dtype="bfloat16", channels_last=True) if device.type == "cuda" else {}
+def loader_output(device: torch.device, with_index: bool = False) -> pipeline.Output:
+    """What train.py and eval.py ask the loaders for: on a GPU bfloat16 images in channels-last memory."""
+    cuda = device.type == "cuda"
+    return pipeline.Output(device=device, dtype="bfloat16" if cuda else None, channels_last=cuda,
+                           with_index=with_index)
 
 
 def training_step(num_classes: int, device: torch.device, compiled: bool):
@@ -46,7 +48,8 @@ def model_alone(num_classes, device, batch, compiled):
 
 def end_to_end(data, num_classes, device, batch, threads, compiled):
     step = training_step(num_classes, device, compiled)
-    batches = endless(pipeline.train_loader(data, batch, device=device, num_threads=threads, **gpu_output(device)))
+    batches = endless(pipeline.train_loader(data, batch, output=loader_output(device),
+                                            reading=pipeline.Reading(num_threads=threads)))
 
     def work(n: int) -> int:
         for _ in range(n):
@@ -63,8 +66,8 @@ def eval_tencrop(data, num_classes, device, batch, threads):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
-    loader = pipeline.eval_loader(data, "val", "ten", batch, device=device, num_threads=threads, with_index=True,
-                                  **gpu_output(device))
+    loader = pipeline.eval_loader(data, "val", "ten", batch, output=loader_output(device, with_index=True),
+                                  reading=pipeline.Reading(num_threads=threads))
     cuda = device.type == "cuda"
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
         evaluation.ten_crop_probabilities(model, torch.zeros(batch, 10, 3, 224, 224, device=device))

@@ -1,7 +1,8 @@
 """DALI pipelines over the shards of docs/FORMAT.md, and the loaders a PyTorch loop iterates.
 
     import pipeline
-    for images, labels in pipeline.train_loader("data/sample", 128, device="cuda", rank=r, world_size=n):
+    output = pipeline.Output(device="cuda", channels_last=True)
+    for images, labels in pipeline.train_loader("data/sample", 128, rank=r, world_size=n, output=output):
         ...
 
 `pipeline/` reads only shard files, `manifest.json` and `stats.npz`; it imports nothing from `shards/` or `model/`.
@@ -9,6 +10,7 @@ Importing it does not import DALI: the loaders do, when first used, so that code
 times train.py's training step on a synthetic batch, runs where DALI is not installed.
 """
 from pipeline.data import read_manifest
+from pipeline.options import Output, Reading
 
 LOADERS = ("train_loader", "eval_loader", "TrainLoader", "EvalLoader")
 
@@ -20,4 +22,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
-__all__ = ["read_manifest", *LOADERS]
+__all__ = ["read_manifest", "Output", "Reading", *LOADERS]

@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime import shard_path
 
-FORMAT = 2  # the shard format version (docs/FORMAT.md) these pipelines read
+FORMAT_VERSION = 2  # the shard format version (docs/FORMAT.md) these pipelines read
 SIZE = 256  # px, side of every stored image
 CROP = 224  # px, side of the network input
 
@@ -25,9 +25,9 @@ def read_manifest(data: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no manifest (is {data} a directory written by `shards build`?)") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable manifest: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: shard format {manifest.get('format')}, these pipelines read format {FORMAT}: "
-                         f"rebuild the shards into an empty directory")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: shard format {manifest.get('format')}, these pipelines read format "
+                         f"{FORMAT_VERSION}: rebuild the shards into an empty directory")
     return manifest
 
 

@@ -14,6 +14,8 @@ The same definitions run on a GPU (`device_id` = local rank; JPEG decoding `devi
 on the GPU) and without one (`device_id=None`, every operator on the CPU). Only the device differs: the GPU
 decoder is asked for libjpeg's "fancy" chroma upsampling so that both decode the same pixels up to rounding.
 """
+from dataclasses import dataclass
+
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
@@ -30,17 +32,32 @@ SOURCE_TYPES = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT,
 SOURCE_NDIM = [1, 1, 0, 0, 1, 0, 1]
 
 
-def read_in_order(tars, indexes, *, shard_id, num_shards, dont_use_mmap, read_ahead):
+@dataclass(frozen=True, eq=False)
+class Processing:
+    """How a pipeline turns JPEG bytes into the images it outputs; the same for all three pipelines."""
+    mean: str  # "pixel": minus mean_image, subtracted before the crop; "channel": minus rgb_mean
+    mean_image: np.ndarray | None  # (256, 256, 3) float32, RGB, 0-255 (data.Stats); read for mean="pixel"
+    rgb_mean: np.ndarray | None  # (3,) float32, RGB, 0-255 (data.Stats); read for mean="channel"
+    gpu: bool = False  # decode on the GPU (DALI's "mixed") and run every step after it there
+    dtype: str = "float32"  # of the images: "float32" | "float16" (the loader makes bfloat16 from float32)
+    channels_last: bool = False  # HWC images instead of CHW
+    hw_decoder_load: float | None = None  # GPU: share of a batch for the hardware JPEG decoder; None: GPU_DECODER's
+
+
+def read_in_order(tars, indexes, *, shard_id, num_shards, storage):
     """JPEG bytes, int32 label and int32 split position of this rank's samples, in shard order.
 
     `pad_last_batch` repeats the shard's last sample to fill the final batch, so every epoch starts on a batch
-    boundary; `stick_to_shard` keeps each rank on the same samples, so its epoch length never changes.
+    boundary; `stick_to_shard` keeps each rank on the same samples, so its epoch length never changes. On network
+    storage (Lustre, GPFS, NFS) memory-mapped reads turn into page faults, each a small synchronous request:
+    plain reads, as DALI recommends there (read_ahead only matters to the mmap reader; docs/HPC.md).
     """
+    network = storage == "network"
     jpegs, labels, index = fn.readers.webdataset(
         name=READER, paths=tars, index_paths=indexes, ext=["jpg", "label", "pos"],
         dtypes=[types.UINT8, types.INT32, types.INT32], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=True, pad_last_batch=True,
-        random_shuffle=False, dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
+        random_shuffle=False, dont_use_mmap=network, read_ahead=network)
     return jpegs, fn.reshape(labels, shape=[]), fn.reshape(index, shape=[])
 
 
@@ -75,30 +92,31 @@ GPU_DECODER = dict(hw_decoder_load=0.75, device_memory_padding=8 << 20, host_mem
                    preallocate_width_hint=SIZE, preallocate_height_hint=SIZE, jpeg_fancy_upsampling=True)
 
 
-def decoder_options(gpu, hw_decoder_load):
-    if not gpu:
+def decoder_options(processing):
+    if not processing.gpu:
         return {}
-    return GPU_DECODER if hw_decoder_load is None else {**GPU_DECODER, "hw_decoder_load": float(hw_decoder_load)}
+    if processing.hw_decoder_load is None:
+        return GPU_DECODER
+    return {**GPU_DECODER, "hw_decoder_load": float(processing.hw_decoder_load)}
 
 
-def decode(jpegs, gpu, hw_decoder_load=None):
+def decode(jpegs, processing):
     """The full 256x256 image, HWC uint8 RGB."""
-    return fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                             **decoder_options(gpu, hw_decoder_load))
+    return fn.decoders.image(jpegs, device="mixed" if processing.gpu else "cpu", output_type=types.RGB,
+                             **decoder_options(processing))
 
 
-def decode_crop(jpegs, gpu, x, y, hw_decoder_load=None):
+def decode_crop(jpegs, processing, x, y):
     """Only the 224x224 window at normalised (x, y), HWC uint8 RGB: libjpeg-turbo skips the rows outside it."""
-    return fn.decoders.image_crop(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                  crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y,
-                                  **decoder_options(gpu, hw_decoder_load))
+    return fn.decoders.image_crop(jpegs, device="mixed" if processing.gpu else "cpu", output_type=types.RGB,
+                                  crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y, **decoder_options(processing))
 
 
-def to_output(image, *, mirror=0, offset=0.0, crop=None, x=0.5, y=0.5, dtype="float32", channels_last=False):
+def to_output(image, processing, *, mirror=0, offset=0.0, crop=False, x=0.5, y=0.5):
     """Optional crop, reflection and `image - offset` (offset per channel), cast, CHW (or HWC) layout, in one pass."""
     window = dict(crop=(CROP, CROP), crop_pos_x=x, crop_pos_y=y) if crop else {}
-    return fn.crop_mirror_normalize(image, mirror=mirror, mean=offset, std=1.0, dtype=DALI_DTYPES[dtype],
-                                    output_layout="HWC" if channels_last else "CHW", **window)
+    return fn.crop_mirror_normalize(image, mirror=mirror, mean=offset, std=1.0, dtype=DALI_DTYPES[processing.dtype],
+                                    output_layout="HWC" if processing.channels_last else "CHW", **window)
 
 
 def output_labels(labels, gpu):
@@ -106,69 +124,57 @@ def output_labels(labels, gpu):
     return labels.gpu() if gpu else labels
 
 
-def minus_mean_image(jpegs, gpu, mean_image, hw_decoder_load=None):
-    """The whole decoded image minus the per-pixel mean image, float32 HWC.
+def minus_mean(jpegs, processing, window=None):
+    """(image, offset): the decoded image with the mean subtracted so far, and the per-channel offset that
+    crop_mirror_normalize still has to subtract.
 
-    Subtracting before the crop makes the mean follow the crop and the reflection by construction. On the CPU
-    this is cheaper than decoding only the window and cropping the mean to it (a full float32 copy per image).
+    Per-pixel mean: the whole decoded image minus the mean image, offset 0. Subtracting before the crop makes the
+    mean follow the crop and the reflection by construction; on the CPU this is cheaper than decoding only the
+    window and cropping the mean to it (a full float32 copy per image). Per-channel mean: the image as decoded
+    (only the window at normalised (x, y) if `window` is given), offset the RGB mean.
     """
-    mean = types.Constant(np.ascontiguousarray(mean_image, dtype=np.float32), layout="HWC",
-                          device="gpu" if gpu else "cpu")
-    return decode(jpegs, gpu, hw_decoder_load) - mean
+    if processing.mean == "pixel":
+        mean = types.Constant(np.ascontiguousarray(processing.mean_image, dtype=np.float32), layout="HWC",
+                              device="gpu" if processing.gpu else "cpu")
+        return decode(jpegs, processing) - mean, 0.0
+    image = decode(jpegs, processing) if window is None else decode_crop(jpegs, processing, *window)
+    return image, processing.rgb_mean.tolist()
 
 
-def patch(jpegs, gpu, x, y, *, mirror=0, offset=None, mean, mean_image, rgb_mean, dtype, channels_last,
-          hw_decoder_load=None):
-    """The 224x224 window at normalised (x, y), reflected if `mirror`, minus the mean and `offset`.
-
-    Per-pixel mean: the whole image minus the mean image, then one crop_mirror_normalize pass subtracts `offset`
-    (default 0). Per-channel mean: only the window is decoded, and crop_mirror_normalize subtracts `offset`
-    (default: the RGB mean).
-    """
-    if mean == "pixel":
-        image = minus_mean_image(jpegs, gpu, mean_image, hw_decoder_load)
-        return to_output(image, mirror=mirror, offset=0.0 if offset is None else offset, crop=True, x=x, y=y,
-                         dtype=dtype, channels_last=channels_last)
-    image = decode_crop(jpegs, gpu, x, y, hw_decoder_load)
-    return to_output(image, mirror=mirror, offset=rgb_mean.tolist() if offset is None else offset, dtype=dtype,
-                     channels_last=channels_last)
+def patch(jpegs, processing, x, y, *, mirror=0, offset=None):
+    """The 224x224 window at normalised (x, y), reflected if `mirror`, minus the mean; `offset` (per channel)
+    replaces what `minus_mean` leaves to subtract after it (the training source folds the lighting shift in)."""
+    whole = processing.mean == "pixel"  # the per-pixel mean needs the whole image; else decode only the window
+    image, mean_offset = minus_mean(jpegs, processing, window=None if whole else (x, y))
+    return to_output(image, processing, mirror=mirror, offset=mean_offset if offset is None else offset, crop=whole,
+                     x=x, y=y)
 
 
 @pipeline_def
-def train(source, *, mean_image, mean="pixel", reader_workers=0, gpu=False, dtype="float32", channels_last=False,
-          hw_decoder_load=None):
+def train(source, processing, *, reader_workers=0):
     """Random 224x224 crop (33x33 positions), reflection with p=0.5, mean subtraction, PCA lighting.
 
     The source draws each sample's crop position, reflection and lighting; `offset` is the per-channel value
     subtracted after the (per-pixel) mean: minus the lighting shift, or the RGB mean minus it.
     """
     jpegs, labels, index, x, y, mirror, offset = read_source(source, reader_workers)
-    images = patch(jpegs, gpu, x, y, mirror=mirror, offset=offset, mean=mean, mean_image=mean_image,
-                   rgb_mean=None, dtype=dtype, channels_last=channels_last, hw_decoder_load=hw_decoder_load)
-    return images, output_labels(labels, gpu), index
+    images = patch(jpegs, processing, x, y, mirror=mirror, offset=offset)
+    return images, output_labels(labels, processing.gpu), index
 
 
 @pipeline_def
-def center(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="pixel", dont_use_mmap=False,
-           read_ahead=False, gpu=False, dtype="float32", channels_last=False, hw_decoder_load=None):
+def center(tars, indexes, processing, *, shard_id, num_shards, storage="local"):
     """The central 224x224 patch, mean subtracted, no augmentation."""
-    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards,
-                                         dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
-    images = patch(jpegs, gpu, 0.5, 0.5, mean=mean, mean_image=mean_image, rgb_mean=rgb_mean, dtype=dtype,
-                   channels_last=channels_last, hw_decoder_load=hw_decoder_load)
-    return images, output_labels(labels, gpu), index
+    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards, storage=storage)
+    images = patch(jpegs, processing, 0.5, 0.5)
+    return images, output_labels(labels, processing.gpu), index
 
 
 @pipeline_def
-def ten_crop(tars, indexes, *, shard_id, num_shards, mean_image, rgb_mean, mean="pixel", dont_use_mmap=False,
-             read_ahead=False, gpu=False, dtype="float32", channels_last=False, hw_decoder_load=None):
+def ten_crop(tars, indexes, processing, *, shard_id, num_shards, storage="local"):
     """The four corner patches and the centre patch, then the same five reflected: [10, 3, 224, 224] per image."""
-    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards,
-                                         dont_use_mmap=dont_use_mmap, read_ahead=read_ahead)
-    if mean == "pixel":
-        image, offset = minus_mean_image(jpegs, gpu, mean_image, hw_decoder_load), 0.0
-    else:
-        image, offset = decode(jpegs, gpu, hw_decoder_load), rgb_mean.tolist()
-    crops = [to_output(image, mirror=m, offset=offset, crop=True, x=x, y=y, dtype=dtype, channels_last=channels_last)
+    jpegs, labels, index = read_in_order(tars, indexes, shard_id=shard_id, num_shards=num_shards, storage=storage)
+    image, offset = minus_mean(jpegs, processing)
+    crops = [to_output(image, processing, mirror=m, offset=offset, crop=True, x=x, y=y)
              for m in (0, 1) for x, y in _CORNERS]
-    return fn.stack(*crops), output_labels(labels, gpu), index
+    return fn.stack(*crops), output_labels(labels, processing.gpu), index

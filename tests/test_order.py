@@ -10,9 +10,11 @@ import pytest
 import scipy.stats
 
 from pipeline import order as order_module
-from pipeline import train_loader
+from pipeline import Output, Reading, train_loader
 from tests import shardkit
 
+ONE_THREAD, TWO_THREADS = Reading(num_threads=1), Reading(num_threads=2)
+WITH_INDEX = Output(with_index=True)
 FLAT = np.full((256, 256, 3), 100, np.uint8)  # decodes in microseconds: these tests are about order, not pixels
 
 
@@ -37,7 +39,7 @@ def epochs_of(loader, epochs: int) -> list[list[list[int]]]:
 def test_consecutive_epochs_are_independent_permutations(tmp_path):
     count, batch = 10_000, 100
     data = flat_data(tmp_path, count, shard_size=2_500)
-    first, second = epochs_of(train_loader(data, batch, num_threads=2, lighting=0, with_index=True), 2)
+    first, second = epochs_of(train_loader(data, batch, lighting=0, output=WITH_INDEX, reading=TWO_THREADS), 2)
     rank_in = []
     for epoch in (first, second):
         flat = [i for step in epoch for i in step]
@@ -58,7 +60,7 @@ def test_consecutive_epochs_are_independent_permutations(tmp_path):
 
 def test_epoch_has_n_over_b_full_batches_and_the_rest_changes(small):
     truth = shardkit.read_samples(small, "train")
-    loader = train_loader(small, 8, num_threads=2, with_index=True)
+    loader = train_loader(small, 8, output=WITH_INDEX, reading=TWO_THREADS)
     assert len(loader) == 50 // 8 == loader.order.steps_per_epoch
     used = set()
     for epoch in range(4):
@@ -75,8 +77,8 @@ def test_epoch_has_n_over_b_full_batches_and_the_rest_changes(small):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_global_batches_are_the_same_on_any_number_of_ranks(small, world_size):
-    one = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 2)
-    parts = [epochs_of(train_loader(small, 8, rank=r, world_size=world_size, num_threads=1, with_index=True), 2)
+    one = epochs_of(train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD), 2)
+    parts = [epochs_of(train_loader(small, 8, rank=r, world_size=world_size, output=WITH_INDEX, reading=ONE_THREAD), 2)
              for r in range(world_size)]
     for epoch in range(2):
         for step, batch in enumerate(one[epoch]):
@@ -93,23 +95,23 @@ def test_augmentation_of_a_sample_does_not_depend_on_the_rank_count(tmp_path):
     items = [(np.kron(rng.integers(0, 256, (16, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8), i % 4)
              for i in range(24)]
     data = shardkit.write_data(tmp_path, {"train": items}, shard_size=8)
-    whole = [x.numpy() for x, _ in train_loader(data, 8, num_threads=1)]
+    whole = [x.numpy() for x, _ in train_loader(data, 8, reading=ONE_THREAD)]
     for world_size in (2, 4):
-        parts = [[x.numpy() for x, _ in train_loader(data, 8, rank=r, world_size=world_size, num_threads=1)]
+        parts = [[x.numpy() for x, _ in train_loader(data, 8, rank=r, world_size=world_size, reading=ONE_THREAD)]
                  for r in range(world_size)]
         for step, x in enumerate(whole):
             assert np.array_equal(x, np.concatenate([part[step] for part in parts])), (world_size, step)
-    reseeded = [x.numpy() for x, _ in train_loader(data, 8, num_threads=1, seed=1)]
+    reseeded = [x.numpy() for x, _ in train_loader(data, 8, seed=1, reading=ONE_THREAD)]
     assert not np.array_equal(whole[0], reseeded[0]), "a different seed draws other batches or augmentation"
 
 
 def test_start_at_epoch_and_step_reads_nothing_before_it(small, monkeypatch):
-    reference = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 3)
+    reference = epochs_of(train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD), 3)
     requested = []
     samples = order_module.TrainSource.samples
     monkeypatch.setattr(order_module.TrainSource, "samples",
                         lambda self, epoch, step: requested.append((epoch, step)) or samples(self, epoch, step))
-    resumed = train_loader(small, 8, num_threads=1, with_index=True, epoch=1, start_step=4)
+    resumed = train_loader(small, 8, epoch=1, start_step=4, output=WITH_INDEX, reading=ONE_THREAD)
     assert len(resumed) == 6 - 4
     rest, following = epochs_of(resumed, 2)
     assert rest == reference[1][4:] and following == reference[2]
@@ -117,15 +119,15 @@ def test_start_at_epoch_and_step_reads_nothing_before_it(small, monkeypatch):
 
 
 def test_a_for_left_early_is_followed_by_the_next_epoch(small):
-    reference = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 2)
-    loader = train_loader(small, 8, num_threads=1, with_index=True)
+    reference = epochs_of(train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD), 2)
+    loader = train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD)
     next(iter(loader))
     assert epochs_of(loader, 1)[0] == reference[1]
 
 
 def test_steps_per_epoch_limits_every_epoch(small):
-    loader = train_loader(small, 8, num_threads=1, with_index=True, steps_per_epoch=2)
-    full = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 2)
+    loader = train_loader(small, 8, steps_per_epoch=2, output=WITH_INDEX, reading=ONE_THREAD)
+    full = epochs_of(train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD), 2)
     assert epochs_of(loader, 2) == [full[0][:2], full[1][:2]]
 
 
@@ -142,8 +144,8 @@ def test_bad_arguments_are_errors(small):
 def test_reader_workers_give_the_same_batches_and_outlive_the_stop_signals(small):
     """The GPU path's source: spawned worker processes. Slurm signals every process of a job step; the workers must
     keep reading until the trainer has stopped at its next sync point, and give the in-process order."""
-    reference = epochs_of(train_loader(small, 8, num_threads=1, with_index=True), 2)
-    loader = train_loader(small, 8, num_threads=1, with_index=True, reader_workers=2)
+    reference = epochs_of(train_loader(small, 8, output=WITH_INDEX, reading=ONE_THREAD), 2)
+    loader = train_loader(small, 8, output=WITH_INDEX, reading=Reading(num_threads=1, reader_workers=2))
     batches = iter(loader)
     first = next(batches)[2].tolist()
     children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import eval_loader, read_manifest, train_loader
+from pipeline import Output, Reading, eval_loader, read_manifest, train_loader
 from tests import shardkit
 
 CROP = 224
+TWO_THREADS = Reading(num_threads=2)
+WITH_INDEX = Output(with_index=True)
 
 
 def gradient_image() -> np.ndarray:
@@ -62,7 +64,7 @@ def collect(loader, epochs=1):
         batches = 0
         for x, y, i in loader:
             batches += 1
-            assert x.shape[0] == y.shape[0] == i.shape[0] <= loader.batch_size
+            assert x.shape[0] == y.shape[0] == i.shape[0] <= loader.per_rank
             images.append(x.float().numpy())
             labels.append(y.numpy())
             index.append(i.numpy())
@@ -76,8 +78,8 @@ def test_eval_ranks_are_disjoint_and_cover_the_split(textured_data, crops, world
     truth = shardkit.read_samples(textured_data, "val")
     seen = []
     for rank in range(world_size):
-        loader = eval_loader(textured_data, "val", crops, batch_size=3, rank=rank, world_size=world_size,
-                             num_threads=2, with_index=True)
+        loader = eval_loader(textured_data, "val", crops, batch_size=3 * world_size, rank=rank,
+                             world_size=world_size, output=WITH_INDEX, reading=TWO_THREADS)
         x, y, i = collect(loader, epochs=2)
         assert len(i) == 2 * loader.num_samples
         assert x.shape[1:] == ((10, 3, CROP, CROP) if crops == "ten" else (3, CROP, CROP))
@@ -100,7 +102,7 @@ def crop_geometry(patch: np.ndarray) -> tuple[int, int, bool]:
 
 @pytest.mark.slow
 def test_crop_offsets_uniform_and_reflection_redrawn(gradient_data):
-    loader = train_loader(gradient_data, 40, lighting=0, num_threads=2, seed=1, with_index=True)
+    loader = train_loader(gradient_data, 40, lighting=0, seed=1, output=WITH_INDEX, reading=TWO_THREADS)
     xs, ys, flips = [], [], {}
     for _ in range(60):  # 2400 crops
         for x, _, index in loader:
@@ -133,7 +135,7 @@ def test_lighting_covariance_on_a_flat_image(tmp_path):
     assert np.ptp(decoded, axis=(0, 1)).max() == 0, "a flat colour survives JPEG exactly"
     colour = decoded[0, 0]
     sigma = 0.1
-    loader = train_loader(data, 50, lighting=sigma, num_threads=2)
+    loader = train_loader(data, 50, lighting=sigma, reading=TWO_THREADS)
     shifts = []
     for _ in range(40):  # 2000 draws
         for x, _ in loader:
@@ -152,7 +154,7 @@ def test_lighting_covariance_on_a_flat_image(tmp_path):
 
 
 def test_lighting_zero_is_off(gradient_data):
-    x, _ = next(iter(train_loader(gradient_data, 8, lighting=0, num_threads=2)))
+    x, _ = next(iter(train_loader(gradient_data, 8, lighting=0, reading=TWO_THREADS)))
     off = x.numpy()
     # Blue is a flat 128 in the source: only JPEG rounding may move it.
     assert np.abs(off[:, 2] - 128).max() <= 3
@@ -166,8 +168,8 @@ def test_mean_subtraction_is_exact_and_follows_crop_and_flip(tmp_path):
     b = shutil.copytree(a, tmp_path / "b")
     ramp = gradient_image().astype(np.float64) * 0.5 + 0.25  # non-integer, position-revealing
     shardkit.set_stats(b, mean_image=ramp)
-    xa, _ = next(iter(train_loader(a, 12, lighting=0, seed=5, num_threads=2)))
-    xb, _ = next(iter(train_loader(b, 12, lighting=0, seed=5, num_threads=2)))
+    xa, _ = next(iter(train_loader(a, 12, lighting=0, seed=5, reading=TWO_THREADS)))
+    xb, _ = next(iter(train_loader(b, 12, lighting=0, seed=5, reading=TWO_THREADS)))
     diff = (xa - xb).numpy().astype(np.float64)
     geometry = set()
     for patch in diff:
@@ -178,11 +180,12 @@ def test_mean_subtraction_is_exact_and_follows_crop_and_flip(tmp_path):
             window = window[:, :, ::-1]
         assert np.abs(patch - window).max() < 1e-4
     assert len(geometry) > 3, "crops should vary"
-    ca, _ = next(iter(eval_loader(a, "val", "center", batch_size=12, num_threads=2)))
-    cb, _ = next(iter(eval_loader(b, "val", "center", batch_size=12, num_threads=2)))
+    ca, _ = next(iter(eval_loader(a, "val", "center", batch_size=12, reading=TWO_THREADS)))
+    cb, _ = next(iter(eval_loader(b, "val", "center", batch_size=12, reading=TWO_THREADS)))
     center = ramp[16:240, 16:240].transpose(2, 0, 1)
     assert np.abs((ca - cb).numpy() - center).max() < 1e-4
-    ch, _ = next(iter(eval_loader(b, "val", "center", batch_size=12, mean="channel", num_threads=2)))
+    ch, _ = next(iter(eval_loader(b, "val", "center", batch_size=12, output=Output(mean="channel"),
+                                  reading=TWO_THREADS)))
     rgb_mean = ramp.reshape(-1, 3).mean(0)
     assert np.abs((ca - ch).numpy() - rgb_mean[None, :, None, None]).max() < 1e-3
 
@@ -197,8 +200,8 @@ def test_each_patch_is_a_window_of_image_minus_mean_reflected_together(gradient_
     assert np.abs(mean - mean[:, ::-1]).max() > 50 and np.abs(mean - mean[::-1]).max() > 20
     shardkit.set_stats(data, mean_image=mean)
     image = shardkit.read_samples(data, "train")[0][0].astype(np.float64)  # every sample is this image
-    plain, _ = next(iter(train_loader(gradient_data, 40, lighting=0, seed=7, num_threads=2)))
-    centred, _ = next(iter(train_loader(data, 40, lighting=0, seed=7, num_threads=2)))
+    plain, _ = next(iter(train_loader(gradient_data, 40, lighting=0, seed=7, reading=TWO_THREADS)))
+    centred, _ = next(iter(train_loader(data, 40, lighting=0, seed=7, reading=TWO_THREADS)))
     geometry = set()
     for own, patch in zip(plain.numpy(), centred.numpy().astype(np.float64)):
         cx, cy, reflected = crop_geometry(own)
@@ -217,8 +220,8 @@ def test_center_and_ten_crop_equal_numpy_crops(textured_data):
     with np.load(textured_data / "stats.npz") as npz:
         mean = npz["mean_image"]
     corners = [(0, 0), (32, 0), (0, 32), (32, 32), (16, 16)]  # (x, y): TL, TR, BL, BR, centre
-    center = eval_loader(textured_data, "val", "center", batch_size=4, num_threads=2, with_index=True)
-    ten = eval_loader(textured_data, "val", "ten", batch_size=4, num_threads=2, with_index=True)
+    center = eval_loader(textured_data, "val", "center", batch_size=4, output=WITH_INDEX, reading=TWO_THREADS)
+    ten = eval_loader(textured_data, "val", "ten", batch_size=4, output=WITH_INDEX, reading=TWO_THREADS)
     for (c, _, ci), (t, _, ti) in zip(center, ten):
         assert ci.tolist() == ti.tolist()
         for k, c1, t1 in zip(ci.tolist(), c.numpy(), t.numpy()):
@@ -237,7 +240,7 @@ def test_center_and_ten_crop_equal_numpy_crops(textured_data):
 
 def test_same_seed_same_augmentation(textured_data):
     def first_epoch(seed):
-        loader = train_loader(textured_data, 8, seed=seed, num_threads=2)
+        loader = train_loader(textured_data, 8, seed=seed, reading=TWO_THREADS)
         return torch.cat([x for x, _ in loader])
 
     a, b, c = first_epoch(3), first_epoch(3), first_epoch(4)
@@ -251,7 +254,7 @@ def test_truncated_shard_is_named_quickly(tmp_path):
     os.truncate(bad, bad.stat().st_size // 2)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=str(bad)):
-        for _ in train_loader(data, 4, num_threads=2):
+        for _ in train_loader(data, 4, reading=TWO_THREADS):
             pass
     assert time.monotonic() - start < 5
 
@@ -262,7 +265,7 @@ def test_index_that_disagrees_with_the_manifest_is_named(tmp_path):
     lines = idx.read_text().splitlines()
     idx.write_text("\n".join([lines[0].replace(" 4", " 3")] + lines[1:-1]) + "\n")
     with pytest.raises(RuntimeError, match=str(idx.with_suffix(".tar"))):
-        train_loader(tmp_path, 4, num_threads=2)
+        train_loader(tmp_path, 4, reading=TWO_THREADS)
 
 
 def test_corrupt_jpeg_is_named(tmp_path):
@@ -274,13 +277,13 @@ def test_corrupt_jpeg_is_named(tmp_path):
     content[offset + 2:offset + size] = bytes(size - 2)
     bad.write_bytes(bytes(content))
     with pytest.raises(RuntimeError, match=str(bad)):
-        for _ in train_loader(data, 4, num_threads=2):
+        for _ in train_loader(data, 4, reading=TWO_THREADS):
             pass
 
 
 def test_batches_stay_valid_after_later_batches(textured_data):
     """Batches are handed over without a copy: a kept batch must not be overwritten by the ones after it."""
-    loader = train_loader(textured_data, 4, num_threads=2)
+    loader = train_loader(textured_data, 4, reading=TWO_THREADS)
     kept = [(x, x.clone()) for x, _ in loader]
     for _ in range(2):
         for _ in loader:
@@ -288,12 +291,28 @@ def test_batches_stay_valid_after_later_batches(textured_data):
     assert all(torch.equal(x, copy) for x, copy in kept)
 
 
+def test_network_storage_reads_the_same_batches(textured_data):
+    """storage="network" changes only how DALI's reader gets the bytes (plain reads instead of mmap)."""
+    local = eval_loader(textured_data, "val", "ten", batch_size=4, output=WITH_INDEX, reading=TWO_THREADS)
+    network = eval_loader(textured_data, "val", "ten", batch_size=4, output=WITH_INDEX,
+                          reading=Reading(num_threads=2, storage="network"))
+    pairs = list(zip(local, network))
+    assert len(pairs) == len(local) == 3
+    assert all(torch.equal(a, b) for batches in pairs for a, b in zip(*batches))
+
+
 def test_read_manifest_and_argument_errors(textured_data, tmp_path):
     assert [c["index"] for c in read_manifest(textured_data)["classes"]] == [0, 1, 2]
     with pytest.raises(FileNotFoundError, match="manifest"):
         read_manifest(tmp_path)
     with pytest.raises(ValueError, match="float32"):
-        train_loader(textured_data, 4, dtype="bfloat16")
+        train_loader(textured_data, 4, output=Output(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="split evenly over 2 ranks"):
+        eval_loader(textured_data, batch_size=3, world_size=2)
+    with pytest.raises(ValueError, match="storage"):
+        Reading(storage="lustre")
+    with pytest.raises(ValueError, match="mean"):
+        Output(mean="image")
     with pytest.raises(ValueError, match="crops"):
         eval_loader(textured_data, crops="five")
     with pytest.raises(ValueError, match="split"):
@@ -312,9 +331,10 @@ def assert_decoders_agree(cpu: torch.Tensor, gpu: torch.Tensor, what: str) -> No
 @pytest.mark.parametrize("hw_decoder_load", [0.0, 1.0])
 @pytest.mark.parametrize("crops", ["center", "ten"])
 def test_gpu_matches_cpu(textured_data, crops, hw_decoder_load):
-    cpu = eval_loader(textured_data, "val", crops, batch_size=4, num_threads=2, with_index=True)
-    gpu = eval_loader(textured_data, "val", crops, batch_size=4, device="cuda", dtype="float32", num_threads=2,
-                      hw_decoder_load=hw_decoder_load, with_index=True)
+    cpu = eval_loader(textured_data, "val", crops, batch_size=4, output=WITH_INDEX, reading=TWO_THREADS)
+    gpu = eval_loader(textured_data, "val", crops, batch_size=4,
+                      output=Output(device="cuda", dtype="float32", with_index=True),
+                      reading=Reading(num_threads=2, hw_decoder_load=hw_decoder_load))
     pairs = list(zip(cpu, gpu))
     assert len(pairs) == len(cpu)
     for (_, ya, ia), (b, yb, ib) in pairs:
@@ -329,9 +349,9 @@ def test_gpu_matches_cpu(textured_data, crops, hw_decoder_load):
 def test_gpu_train_batches_match_the_cpu_ones(textured_data, hw_decoder_load):
     """The augmentation is drawn in numpy from (seed, epoch, step): the GPU pipeline must apply the same crops,
     reflections and lighting to the same samples as the CPU pipeline."""
-    cpu = train_loader(textured_data, 8, num_threads=2, seed=7, with_index=True)
-    gpu = train_loader(textured_data, 8, device="cuda", dtype="float32", num_threads=2, seed=7,
-                       hw_decoder_load=hw_decoder_load, with_index=True)
+    cpu = train_loader(textured_data, 8, seed=7, output=WITH_INDEX, reading=TWO_THREADS)
+    gpu = train_loader(textured_data, 8, seed=7, output=Output(device="cuda", dtype="float32", with_index=True),
+                       reading=Reading(num_threads=2, hw_decoder_load=hw_decoder_load))
     pairs = [((a, ia), (b, ib)) for _ in range(2) for (a, _, ia), (b, _, ib) in zip(cpu, gpu)]
     assert all(torch.equal(ia, ib) for (_, ia), (_, ib) in pairs)
     assert_decoders_agree(torch.cat([a for (a, _), _ in pairs]), torch.cat([b for _, (b, _) in pairs]),
@@ -341,8 +361,8 @@ def test_gpu_train_batches_match_the_cpu_ones(textured_data, hw_decoder_load):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_gpu_train_output_types(textured_data, dtype):
-    loader = train_loader(textured_data, 8, device="cuda", dtype=dtype, channels_last=True, num_threads=2,
-                          with_index=True)
+    loader = train_loader(textured_data, 8, output=Output(device="cuda", dtype=dtype, channels_last=True,
+                                                          with_index=True), reading=TWO_THREADS)
     seen = []
     for x, y, i in loader:
         assert x.device.type == "cuda" and x.dtype == getattr(torch, dtype) and x.shape[1:] == (3, CROP, CROP)
@@ -354,7 +374,8 @@ def test_gpu_train_output_types(textured_data, dtype):
 
 @pytest.mark.gpu
 def test_gpu_crop_offsets_cover_the_range(gradient_data):
-    loader = train_loader(gradient_data, 40, device="cuda", dtype="float32", lighting=0, num_threads=2)
+    loader = train_loader(gradient_data, 40, lighting=0, output=Output(device="cuda", dtype="float32"),
+                          reading=TWO_THREADS)
     geometry = [crop_geometry(p) for _ in range(10) for x, _ in loader for p in x.cpu().numpy()]
     xs, ys, flips = zip(*geometry)
     assert set(xs) == set(ys) == set(range(33))
