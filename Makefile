@@ -32,11 +32,12 @@ COMMA   := ,
 EXTRAS  := .[cuda$(DALI_CUDA),dev$(if $(PEERS),$(COMMA)peers)]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
-.PHONY: help setup demo test sample shards verify train eval bench bench-data wheelhouse gpu-payload gpu-rehearse clean
+.PHONY: help setup demo test lint sample shards verify train eval bench bench-data wheelhouse gpu-payload gpu-rehearse clean
 
 help:
 	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
-	@echo "make test                                   # the test suite (GPU tests skip without a GPU)"
+	@echo "make test                                   # ruff, then the test suite (GPU tests skip without a GPU)"
+	@echo "make lint                                   # ruff check (pinned in the dev extra)"
 	@echo "make shards RAW=<imagenet dir> DATA=<shard dir> [ARGS=...]"
 	@echo "make train  DATA=<shard dir> RUN=<run dir> [ARGS='--key=value ...']"
 	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
@@ -63,8 +64,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check $(PIP_SRC) -e "$(EXTRAS)"
 	touch $@
 
-test: setup
+test: lint
 	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
 
 sample: setup
 	$(PY) -m shards sample --out=$(SAMPLE_RAW)

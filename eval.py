@@ -22,7 +22,8 @@ from config import parse_config, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main, shard_path, usage_errors
+from runtime import (Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main, shard_path,
+                     usage_errors)
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -203,7 +204,8 @@ def write_predictions(out_dir: Path, split: str, data: Path, manifest: dict, pre
     rows = [{"key": keys[i], "label": classes[y]["wnid"], "top5": [classes[p]["wnid"] for p in top5]}
             for i, y, top5 in predictions]
     (out_dir / f"predictions-{split}.json").write_text(json.dumps(rows) + "\n")
-    (out_dir / f"per-class-{split}.json").write_text(json.dumps(per_class_accuracy(predictions, classes), indent=1) + "\n")
+    per_class = per_class_accuracy(predictions, classes)
+    (out_dir / f"per-class-{split}.json").write_text(json.dumps(per_class, indent=1) + "\n")
     print(f"wrote {out_dir / f'predictions-{split}.json'} and per-class-{split}.json")
 
 

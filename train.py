@@ -154,8 +154,8 @@ def resume(checkpoint: dict, path: Path, cfg: TrainConfig, rank: Rank, network: 
         raise UsageError(f"{path} does not fit this run ({' '.join(str(e).split())[:300]}); "
                          "--resume=false starts over") from None
     progress = Progress(checkpoint["epoch"], checkpoint["batches_done"], checkpoint["step"])
-    moved = [k for k in ("batch_size", "seed") if progress.batches_done and checkpoint["config"].get(k) != getattr(cfg, k)]
-    if moved:  # batches_done counts batches of the old order, which these options change
+    moved = [k for k in ("batch_size", "seed") if checkpoint["config"].get(k) != getattr(cfg, k)]
+    if moved and progress.batches_done:  # batches_done counts batches of the old order, which these options change
         raise UsageError(f"{path} stopped in the middle of epoch {progress.epoch + 1} with another "
                          f"{' and '.join('--' + k for k in moved)}: resume with the checkpoint's value (the order of "
                          "that epoch depends on it)")
@@ -222,8 +222,8 @@ def train_epoch(epoch: int, loader, network: Network, numerics: Numerics, progre
             # The one sync point: loss, images and the stop flag summed over ranks in one all_reduce.
             total_loss, total_images, stop = all_sum([*interval.tolist(), float(bool(received))], device).tolist()
             now = time.perf_counter()
-            row = {"step": progress.step, "loss": total_loss / total_images, "lr": network.optimizer.param_groups[0]["lr"],
-                   "images_per_s": total_images / (now - clock)}
+            row = {"step": progress.step, "loss": total_loss / total_images,
+                   "lr": network.optimizer.param_groups[0]["lr"], "images_per_s": total_images / (now - clock)}
             epoch_sums[3] += now - clock
             clock, interval = now, torch.zeros_like(interval)
             if rank.is_main:

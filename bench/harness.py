@@ -3,11 +3,11 @@
 `measure({name: work, ...})`: each `work(n)` does n units of work (batches, training steps, whole commands) and
 returns the images it processed. A warm-up runs a first unit (pipelines fill their queues, workers start, cuDNN
 picks its algorithms, torch.compile and FFCV compile), then more until they have taken a repeat's share of the time;
-their pace sets the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed repeats, the works
-interleaved repeat by repeat so that a change in the machine's load hits them alike. A repeat is timed on the host
-clock after the device has finished its queued work (torch.cuda.synchronize), so GPU work still queued is
-inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside it, the
-CPU time per image of this process and every process it started (workers included; a shared machine's load
+their pace sets the units per repeat so that each repeat lasts about `seconds / repeats`. Then `repeats` timed
+repeats, the works interleaved repeat by repeat so that a change in the machine's load hits them alike. A repeat is
+timed on the host clock after the device has finished its queued work (torch.cuda.synchronize), so GPU work still
+queued is inside it. The figure is the median images/s over the repeats, shown with the lowest and highest. Beside
+it, the CPU time per image of this process and every process it started (workers included; a shared machine's load
 distorts it less than the wall clock), and of the calling thread alone: on a GPU that thread also drives the
 training step.
 """

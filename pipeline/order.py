@@ -156,7 +156,8 @@ class SampleReader:
         for row, shard, start, span in zip(rows, t.shard[samples].tolist(), t.start[samples].tolist(),
                                            spans.tolist()):
             self._read_into(row[:span], shard, start)
-        return rows, t.jpeg_size[samples], self._int32_at(rows, t.label_at[samples]), self._int32_at(rows, t.pos_at[samples])
+        labels, positions = self._int32_at(rows, t.label_at[samples]), self._int32_at(rows, t.pos_at[samples])
+        return rows, t.jpeg_size[samples], labels, positions
 
     def _read_into(self, buffer: np.ndarray, shard: int, start: int) -> None:
         """Fill `buffer` from byte `start` of the shard; a network filesystem may return fewer bytes per call."""

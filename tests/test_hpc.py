@@ -236,7 +236,7 @@ def test_stage_copies_and_verifies_then_skips_what_is_there(built, tmp_path):
     mtimes = {p: p.stat().st_mtime_ns for p in local.glob("*/*.tar")}
     second = stage(data, local)
     assert second.returncode == 0, second.stderr
-    assert f"0 copied" in second.stdout and f"{num_shards} already there" in second.stdout
+    assert "0 copied" in second.stdout and f"{num_shards} already there" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in local.glob("*/*.tar")} == mtimes
 
     damaged = sorted(local.glob("train/*.tar"))[0]

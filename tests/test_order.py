@@ -63,7 +63,7 @@ def test_epoch_has_n_over_b_full_batches_and_the_rest_changes(small):
     loader = train_loader(small, 8, output=WITH_INDEX, reading=TWO_THREADS)
     assert len(loader) == 50 // 8 == loader.order.steps_per_epoch
     used = set()
-    for epoch in range(4):
+    for _ in range(4):
         labels, positions = [], []
         for _, y, i in loader:
             assert len(i) == 8
