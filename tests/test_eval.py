@@ -12,7 +12,7 @@ from sklearn.metrics import top_k_accuracy_score
 
 import eval as evaluation
 from model import AlexNet
-from pipeline import eval_loader
+from pipeline import Output, eval_loader
 from pipeline.pipelines import TEN_CROP_ORDER
 from tests.conftest import REPO
 from tests.shardkit import read_samples, write_class_folders, write_data
@@ -112,7 +112,7 @@ def test_ten_crop_on_real_images_matches_a_pillow_reference(tmp_path, imagenet_s
         mean_image = stats["mean_image"]
     samples = read_samples(data, "val")
 
-    loader = eval_loader(data, "val", "ten", batch_size=2, with_index=True)
+    loader = eval_loader(data, "val", "ten", batch_size=2, output=Output(with_index=True))
     seen = 0
     for images, labels, index in loader:
         with torch.no_grad():
