@@ -1,7 +1,8 @@
 """Ten-crop evaluation of a checkpoint written by train.py, next to the paper's numbers.
 
     python eval.py --data=data/sample --checkpoint=runs/demo/checkpoint.pt
-    torchrun --nproc_per_node=8 eval.py --data=/scratch/imagenet-shards --checkpoint=runs/alexnet/checkpoint.pt
+    torchrun --nproc_per_node=8 eval.py --data=/scratch/imagenet-shards --checkpoint=runs/alexnet/checkpoint.pt \
+        --batch_size=512                                    # global, as in train.py: 64 images per GPU
 
 Ten-crop as in the paper's §4.1: the four corner patches and the centre patch, each also reflected; the network's
 softmax probabilities (not its logits) are averaged over the ten patches, then ranked. The centre-crop result is
@@ -22,8 +23,8 @@ from config import parse_config, save_config
 from model import AlexNet
 import pipeline
 from pipeline import read_manifest
-from runtime import (Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main, shard_path,
-                     usage_errors)
+from runtime import (TOP_K, Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main,
+                     shard_path, topk_correct, usage_errors)
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -31,7 +32,6 @@ PAPER_RESULTS = [
     ("ILSVRC-2010 test, without ten-patch averaging", 39.0, 18.3),
     ("ILSVRC-2012 val, 1 CNN (Table 2)", 40.7, 18.2),
 ]
-TOP_K = (1, 5)
 
 
 @dataclass
@@ -53,13 +53,6 @@ def ten_crop_probabilities(model, patches: torch.Tensor) -> torch.Tensor:
     batch, num_patches = patches.shape[:2]
     logits = model(patches.flatten(0, 1))  # float32 even under autocast: fc8 computes in float32
     return logits.softmax(dim=1).view(batch, num_patches, -1).mean(dim=1)
-
-
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=TOP_K) -> torch.Tensor:
-    """How many rows have their label among the k highest scores, for each k: int64 [len(ks)]."""
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
 
 
 def error_percent(correct: int, n: int) -> float:

@@ -1,15 +1,27 @@
-"""RUN/, the directory of a training run: config.json, metrics.jsonl, curves.png, checkpoint.pt.
+"""RUN/, the directory of a training run: config.json, metrics.jsonl, curves.png, checkpoint.pt; and `Progress`,
+where the run stands.
 
 metrics.jsonl has one JSON row per log interval ({"step", "loss", "lr", "images_per_s"}) and one per epoch (with
 "epoch", train and val errors); curves.png is drawn from it after each epoch. Rank 0 writes them all.
 """
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from config import save_config
 from runtime import atomic_path
+
+
+@dataclass
+class Progress:
+    """Where the run stands: what a checkpoint records besides the network."""
+    epoch: int = 0  # epochs finished
+    batches_done: int = 0  # global steps done in the unfinished epoch
+    step: int = 0  # global steps done in all
+    # Of the unfinished epoch, summed over ranks: loss * images, correct, images; and seconds, the ranks' mean.
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0] * 4)
 
 
 class RunDirectory:
@@ -63,5 +75,5 @@ def plot_curves(metrics: Path, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

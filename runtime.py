@@ -1,5 +1,5 @@
-"""What every entry point needs: one-line errors, its rank and device, sums over ranks, stop signals, its share of the
-CPUs, thread pools sized to it, files written whole, and safe reads of others' files.
+"""What every entry point needs: one-line errors, its rank and device, sums over ranks, stop signals, top-k counts,
+seeds, its share of the CPUs, thread pools sized to it, files written whole, and safe reads of others' files.
 
     from runtime import UsageError, join_ranks, limit_threads, load_checkpoint, run_main, shard_path
     rank = join_ranks("auto")                                    # rank, world size, device, process group
@@ -23,6 +23,7 @@ from pathlib import Path
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # What a checkpoint may hold: train.py writes nothing else, so that it loads with torch.load(weights_only=True).
 CHECKPOINT_CONTENT = "tensors, numbers, strings, lists and dicts"
+TOP_K = (1, 5)  # the errors every evaluation reports: top-1 and top-5
 
 
 class UsageError(Exception):
@@ -55,11 +56,12 @@ def usage_errors(advice: str = "") -> Iterator[None]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to, renamed onto `path` when the block ends without an exception.
 
-    A kill mid-write leaves the previous file (or none), never a partial one. The temporary name keeps the suffix
-    (`curves.tmp.png`), so that writers which choose a format by it still choose the same one.
+    A kill mid-write leaves the previous file (or none), never a partial one. The temporary name ends in `.tmp`
+    (`train-000001.tar.tmp`), so that nothing that looks for `*.tar` files takes a half-written one for a shard or
+    an archive; writers that pick a format by the suffix must name the format.
     """
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(path.name + ".tmp")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -139,6 +141,22 @@ def stop_signals() -> Iterator[list[str]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def topk_correct(scores, labels, ks=TOP_K) -> "torch.Tensor":  # noqa: F821 - see Rank.device
+    """How many rows have their label among the k highest scores, for each k: int64 [len(ks)]."""
+    import torch
+
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed for torch's generators drawn from integer keys, e.g. (seed, epoch, rank): a stream per key tuple."""
+    import numpy as np
+
+    return int(np.random.SeedSequence(keys).generate_state(1)[0] % 2**31)
 
 
 def available_cpus() -> int:

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -36,12 +36,11 @@ from tqdm import tqdm
 
 import pipeline
 from config import parse_config
-from eval import topk_correct
 from model.recipe import DropOnPlateau, Numerics, build_model, make_optimizer, numerics, seed_dropout, train_step
 from pipeline import read_manifest
-from rundir import RunDirectory
+from rundir import Progress, RunDirectory
 from runtime import (Rank, UsageError, all_sum, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main,
-                     stop_signals, usage_errors)
+                     stop_signals, topk_correct, usage_errors)
 
 
 @dataclass
@@ -126,26 +125,23 @@ def build_network(cfg: TrainConfig, num_classes: int, rank: Rank, channels_last:
     return Network(raw, train_model, eval_model, optimizer, DropOnPlateau(optimizer, cfg.lr_patience, cfg.max_lr_drops))
 
 
-@dataclass
-class Progress:
-    """Where the run stands: what a checkpoint records besides the network."""
-    epoch: int = 0  # epochs finished
-    batches_done: int = 0  # global steps done in the unfinished epoch
-    step: int = 0  # global steps done in all
-    # Of the unfinished epoch, summed over ranks: loss * images, correct, images; and seconds, the ranks' mean.
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0] * 4)
+@dataclass(frozen=True)
+class Setup:
+    """What every phase of a run reads and none changes."""
+    cfg: TrainConfig
+    rank: Rank
+    numerics: Numerics
+    run: RunDirectory
+    num_classes: int
 
 
 class RunEnded(Exception):
-    """The run ends before its last epoch: exit status `code` after `message` (rank 0 prints it)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
+    """RunEnded(code, message): the run ends before its last epoch with exit status `code` after `message`."""
 
 
-def resume(checkpoint: dict, path: Path, cfg: TrainConfig, rank: Rank, network: Network) -> Progress:
+def resume(setup: Setup, checkpoint: dict, network: Network) -> Progress:
     """Load the checkpoint into the network; where it stood, with rank 0 carrying the unfinished epoch's sums."""
+    cfg, rank, path = setup.cfg, setup.rank, setup.run.checkpoint
     try:
         network.raw.load_state_dict(checkpoint["model"])
         network.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -170,9 +166,9 @@ def resume(checkpoint: dict, path: Path, cfg: TrainConfig, rank: Rank, network: 
     return progress
 
 
-def save_checkpoint(run: RunDirectory, network: Network, progress: Progress, epoch_sums: torch.Tensor,
-                    cfg: TrainConfig, rank: Rank, num_classes: int) -> None:
+def save_checkpoint(setup: Setup, network: Network, progress: Progress, epoch_sums: torch.Tensor) -> None:
     """Every rank takes part (sums and RNG states are gathered); rank 0 writes."""
+    rank = setup.rank
     totals = all_sum(epoch_sums, rank.device).tolist()  # every rank's part of the unfinished epoch
     totals[3] /= rank.world_size  # seconds: the ranks' mean (each rank timed the same steps)
     cuda = rank.device.type == "cuda"
@@ -182,21 +178,23 @@ def save_checkpoint(run: RunDirectory, network: Network, progress: Progress, epo
         rngs = [None] * rank.world_size
         dist.all_gather_object(rngs, rng)
     if rank.is_main:
-        run.save({"model": network.raw.state_dict(), "optimizer": network.optimizer.state_dict(),
-                  "scheduler": network.schedule.state_dict(), "epoch": progress.epoch,
-                  "batches_done": progress.batches_done, "step": progress.step, "epoch_sums": totals,
-                  "config": asdict(cfg), "num_classes": num_classes, "world_size": rank.world_size, "rng": rngs})
+        setup.run.save({"model": network.raw.state_dict(), "optimizer": network.optimizer.state_dict(),
+                        "scheduler": network.schedule.state_dict(), "epoch": progress.epoch,
+                        "batches_done": progress.batches_done, "step": progress.step, "epoch_sums": totals,
+                        "config": asdict(setup.cfg), "num_classes": setup.num_classes,
+                        "world_size": rank.world_size, "rng": rngs})
 
 
 def stopped(received: list[str]) -> str:
     return f"preempted: {', '.join(received) or 'another rank was signalled'}"
 
 
-def train_epoch(epoch: int, loader, network: Network, numerics: Numerics, progress: Progress, run: RunDirectory,
-                cfg: TrainConfig, rank: Rank, received: list[str]) -> torch.Tensor:
+def train_epoch(setup: Setup, epoch: int, loader, network: Network, progress: Progress,
+                received: list[str]) -> torch.Tensor:
     """Global steps of `epoch` from progress.batches_done to its end, or to the first sync point after a stop signal;
     progress advances with every step. Returns this rank's sums of the epoch (loss * images, correct, images,
     seconds), on the device."""
+    cfg, rank, run = setup.cfg, setup.rank, setup.run
     steps, device = loader.order.steps_per_epoch, rank.device
     network.train.train()
     epoch_sums = torch.tensor(progress.epoch_sums if rank.is_main else [0.0] * 4, dtype=torch.float64, device=device)
@@ -205,7 +203,7 @@ def train_epoch(epoch: int, loader, network: Network, numerics: Numerics, progre
     bar = tqdm(total=steps, initial=progress.batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not rank.is_main, leave=False, dynamic_ncols=True)
     for images, labels in loader:
-        loss, logits = train_step(network.train, network.optimizer, images, labels, numerics.autocast)
+        loss, logits = train_step(network.train, network.optimizer, images, labels, setup.numerics.autocast)
         progress.step, progress.batches_done = progress.step + 1, loader.step
         bar.update()
         # Running sums stay on the device: no .item() (nor a tensor made from a Python number, which is a blocking
@@ -243,12 +241,12 @@ def train_epoch(epoch: int, loader, network: Network, numerics: Numerics, progre
     return epoch_sums
 
 
-def end_epoch(epoch: int, epoch_sums: torch.Tensor, val, network: Network, numerics: Numerics, progress: Progress,
-              run: RunDirectory, rank: Rank) -> dict:
+def end_epoch(setup: Setup, epoch: int, epoch_sums: torch.Tensor, val, network: Network, progress: Progress) -> dict:
     """Validation, the learning-rate schedule, and the epoch's row of metrics (logged and printed by rank 0)."""
+    rank, run = setup.rank, setup.run
     total_loss, correct, images, seconds = all_sum(epoch_sums, rank.device).tolist()
     seconds /= rank.world_size
-    metrics = validate(network.eval, val, rank.device, numerics.autocast)
+    metrics = validate(network.eval, val, rank.device, setup.numerics.autocast)
     network.schedule.step(metrics["val_top1_err"])
     row = {"epoch": epoch + 1, "step": progress.step, "train_loss": total_loss / images,
            "train_top1_err": 1 - correct / images, **metrics, "lr": network.optimizer.param_groups[0]["lr"],
@@ -256,18 +254,20 @@ def end_epoch(epoch: int, epoch_sums: torch.Tensor, val, network: Network, numer
     if rank.is_main:
         run.log(row)
         run.draw_curves()
-        print(f"epoch {epoch + 1}: train loss {row['train_loss']:.4f}, train top-1 err {row['train_top1_err']:.2%}, "
-              f"val top-1 err {row['val_top1_err']:.2%}, val top-5 err {row['val_top5_err']:.2%}, {seconds:.0f} s, "
-              f"{row['images_per_s']:,.0f} images/s, next lr {row['lr']:g}", flush=True)
+        print(f"epoch {epoch + 1}/{setup.cfg.epochs}: train loss {row['train_loss']:.4f}, "
+              f"train top-1 err {row['train_top1_err']:.2%}, val top-1 err {row['val_top1_err']:.2%}, "
+              f"val top-5 err {row['val_top5_err']:.2%}, {seconds:.0f} s, {row['images_per_s']:,.0f} images/s, "
+              f"next lr {row['lr']:g}", flush=True)
     if not math.isfinite(row["train_loss"]):
         raise RunEnded(1, f"diverged: mean train loss of epoch {epoch + 1} is {row['train_loss']}")
     return metrics
 
 
-def make_loaders(cfg: TrainConfig, rank: Rank, numerics: Numerics, progress: Progress):
+def make_loaders(setup: Setup, progress: Progress):
     """(training, validation) loaders of this rank. Training: a new global permutation every epoch
     (pipeline/order.py), the same global batches on any number of ranks, a resumed run starting at its next global
     step without reading the ones before. Validation: each rank reads its own 1/world_size of the split."""
+    cfg, rank, numerics = setup.cfg, setup.rank, setup.numerics
     common = dict(rank=rank.rank, world_size=rank.world_size,
                   output=pipeline.Output(device=rank.device, dtype=numerics.loader_dtype,
                                          channels_last=numerics.channels_last, mean=cfg.mean),
@@ -285,12 +285,13 @@ def fit(cfg: TrainConfig, rank: Rank, num_classes: int, received: list[str]) -> 
     run = RunDirectory(cfg.run)
     with usage_errors("; --resume=false starts over"):
         checkpoint = load_checkpoint(run.checkpoint) if cfg.resume and run.checkpoint.exists() else None
-    numerics_ = numerics(rank.device, cfg.dtype, cfg.channels_last)
-    network = build_network(cfg, num_classes, rank, numerics_.channels_last)
-    progress = resume(checkpoint, run.checkpoint, cfg, rank, network) if checkpoint else Progress()
+    setup = Setup(cfg, rank, numerics(rank.device, cfg.dtype, cfg.channels_last), run, num_classes)
+    network = build_network(cfg, num_classes, rank, setup.numerics.channels_last)
+    progress = resume(setup, checkpoint, network) if checkpoint else Progress()
     if rank.is_main:
         run.start(cfg, progress.step if checkpoint else None)
-    train, val = make_loaders(cfg, rank, numerics_, progress)
+    train, val = make_loaders(setup, progress)
+    steps = train.order.steps_per_epoch
     if rank.is_main:
         print(f"training on {rank.world_size} x {rank.device.type} ({cfg.batch_size // rank.world_size} images per "
               f"rank per step), {num_classes} classes, epochs {progress.epoch + 1}..{cfg.epochs}, "
@@ -299,20 +300,25 @@ def fit(cfg: TrainConfig, rank: Rank, num_classes: int, received: list[str]) -> 
     for epoch in range(progress.epoch, cfg.epochs):
         seed_dropout(cfg.seed, epoch, progress.batches_done, rank.rank, rank.world_size,
                      checkpoint if progress.batches_done else None, rank.device)
-        epoch_sums = train_epoch(epoch, train, network, numerics_, progress, run, cfg, rank, received)
-        if progress.batches_done < train.order.steps_per_epoch:
-            save_checkpoint(run, network, progress, epoch_sums, cfg, rank, num_classes)
+        epoch_sums = train_epoch(setup, epoch, train, network, progress, received)
+        if progress.batches_done < steps:
+            save_checkpoint(setup, network, progress, epoch_sums)
             raise RunEnded(EXIT_STOPPED_EARLY, f"{stopped(received)}; saved {run.checkpoint} at epoch {epoch + 1}, "
-                                               f"batch {progress.batches_done}/{train.order.steps_per_epoch}; "
-                                               "rerun to resume")
-        metrics = end_epoch(epoch, epoch_sums, val, network, numerics_, progress, run, rank)
+                                               f"batch {progress.batches_done}/{steps}; rerun to resume")
+        metrics = end_epoch(setup, epoch, epoch_sums, val, network, progress)
         progress = Progress(epoch + 1, 0, progress.step)
-        save_checkpoint(run, network, progress, torch.zeros(4, dtype=torch.float64), cfg, rank, num_classes)
+        save_checkpoint(setup, network, progress, torch.zeros(4, dtype=torch.float64))
         if epoch + 1 < cfg.epochs and all_sum([float(bool(received))], rank.device)[0] > 0:
             raise RunEnded(EXIT_STOPPED_EARLY, f"{stopped(received)}; saved {run.checkpoint} after epoch {epoch + 1}; "
                                                "rerun to resume")
     # A finished run that is rerun reports its checkpoint's metrics.
-    return metrics or validate(network.eval, val, rank.device, numerics_.autocast)
+    return metrics or validate(network.eval, val, rank.device, setup.numerics.autocast)
+
+
+def final_line(metrics: dict, cfg: TrainConfig) -> str:
+    return (f"final: val top-1 error {metrics['val_top1_err']:.2%} (accuracy {1 - metrics['val_top1_err']:.2%}), "
+            f"top-5 error {metrics['val_top5_err']:.2%} on {metrics['val_samples']} images (centre crop); "
+            f"ten-crop: python eval.py --data={cfg.data} --checkpoint={Path(cfg.run) / 'checkpoint.pt'}")
 
 
 def main(argv: list[str]) -> None:
@@ -320,22 +326,20 @@ def main(argv: list[str]) -> None:
     with usage_errors():
         num_classes = len(read_manifest(cfg.data)["classes"])
     rank = join_ranks(cfg.device)
-    if cfg.batch_size % rank.world_size:
-        raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {rank.world_size} ranks")
-    limit_threads(rank.cpus)
-    with stop_signals() as received:
-        try:
-            metrics = fit(cfg, rank, num_classes, received)
-            code, message = 0, (f"final: val top-1 error {metrics['val_top1_err']:.2%} (accuracy "
-                                f"{1 - metrics['val_top1_err']:.2%}), top-5 error {metrics['val_top5_err']:.2%} on "
-                                f"{metrics['val_samples']} images (centre crop); ten-crop: python eval.py "
-                                f"--data={cfg.data} --checkpoint={Path(cfg.run) / 'checkpoint.pt'}")
-        except RunEnded as end:
-            code, message = end.code, end.message
-        if rank.is_main:
-            print(message, file=sys.stdout if code in (0, EXIT_STOPPED_EARLY) else sys.stderr, flush=True)
-        if rank.world_size > 1:
-            dist.barrier()  # torchrun stops every rank once one exits non-zero: none leaves before rank 0 has saved
+    try:  # the process group ends on every way out
+        if cfg.batch_size % rank.world_size:
+            raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {rank.world_size} ranks")
+        limit_threads(rank.cpus)
+        with stop_signals() as received:
+            try:
+                code, message = 0, final_line(fit(cfg, rank, num_classes, received), cfg)
+            except RunEnded as end:
+                code, message = end.args
+            if rank.is_main:
+                print(message, file=sys.stdout if code in (0, EXIT_STOPPED_EARLY) else sys.stderr, flush=True)
+            if rank.world_size > 1:  # torchrun stops every rank once one exits non-zero: none before rank 0 has saved
+                dist.barrier()
+    finally:
         leave_ranks()
     sys.exit(code)
 

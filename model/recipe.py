@@ -4,7 +4,7 @@ step of it.
 
     raw, net, eval_net = build_model(1000, dropout=0.5, seed=0, device=device, channels_last=True,
                                      distributed=False, compile=False)
-    optimizer = make_optimizer(net, lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False, fused=True)
+    optimizer = make_optimizer(raw, lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False, fused=True)
     schedule = DropOnPlateau(optimizer, patience=2, max_drops=3)
     loss, logits = train_step(net, optimizer, images, labels, autocast)   # each step
     schedule.step(val_top1_err)                                           # each epoch
@@ -12,12 +12,12 @@ step of it.
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model import AlexNet
+from runtime import derived_seed
 
 
 def configure_cuda(dtype: str) -> None:
@@ -115,10 +115,6 @@ def train_step(model, optimizer, images, labels, autocast) -> tuple[torch.Tensor
     loss.backward()
     optimizer.step()
     return loss, logits
-
-
-def derived_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(keys).generate_state(1)[0] % 2**31)
 
 
 def seed_dropout(seed: int, epoch: int, skip: int, rank: int, world_size: int, ckpt: dict | None, device) -> None:

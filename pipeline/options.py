@@ -1,7 +1,7 @@
 """The options both loaders take, in two groups: what the caller gets (`Output`), how it is read (`Reading`).
 
-Neither changes which samples a batch holds or how they are augmented; `Reading` changes nothing in the batches at
-all. Nothing here imports DALI or torch, so a caller can build them before it decides to read anything.
+Neither changes which samples a batch holds or how they are augmented; `Reading` changes how fast they come, and
+the pixels only by decoder rounding (`hw_decoder_load` shares a GPU batch between two JPEG decoders). Nothing here imports DALI or torch, so a caller can build them before it decides to read anything.
 """
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ class Output:
 
 @dataclass(frozen=True)
 class Reading:
-    """How a loader reads its shards and runs its pipeline: speed and memory, never the batches' contents."""
+    """How a loader reads its shards and runs its pipeline: speed and memory, never which samples or crops."""
     num_threads: int | None = None  # DALI CPU threads; None: every CPU this process may use
     prefetch: int = 2  # batches DALI prepares ahead (its prefetch_queue_depth)
     storage: str = "local"  # evaluation's shard reader: "network" (Lustre, GPFS, NFS) reads without mmap

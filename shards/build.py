@@ -9,7 +9,7 @@ See docs/FORMAT.md for what is written. How it works:
              seed, cut each split into shards of `shard_size` inputs. The plan depends only on input and parameters,
              so every array task computes the same one and shard j belongs to task j % num_tasks.
   2. shards  workers turn chunks of inputs into JPEGs plus exact integer sums for the statistics; the main process
-             writes each shard to `<name>.tmp.tar` and renames it when complete. Per-shard results (count, sha256,
+             writes each shard to `<name>.tar.tmp` and renames it when complete. Per-shard results (count, sha256,
              rejected, converted, statistics sums) go to DATA/.build/. A rerun skips shards that are complete.
   3. merge   once every shard exists: manifest.json and stats.npz from the per-shard results.
 """
@@ -288,36 +288,56 @@ def check_config(cfg: BuildConfig) -> None:
                          "need 0 <= task_index < num_tasks")
 
 
-def build(cfg: BuildConfig) -> dict | None:
-    """Run one task of the build; with num_tasks=1 also merge. Returns the manifest when merged.
+@dataclasses.dataclass
+class Task:
+    """One build task's share of the plan, ready to write."""
+    out: Path
+    layout: str  # the layout RAW was found in
+    plan: dict
+    shards: list[Shard]  # this task's shards
+    workers: int
+    start: float  # perf_counter() when the task started
+
+
+def plan_task(cfg: BuildConfig) -> Task:
+    """Check the options, read RAW's layout, plan every shard (saved as plan.json) and pick this task's.
 
     A LayoutError or ValueError names what is wrong with RAW, DATA or `cfg`.
     """
     check_config(cfg)
-    workers = cfg.workers if cfg.workers > 0 else available_cpus()
-    out = Path(cfg.out)
-    start = time.perf_counter()
+    start, workers, out = time.perf_counter(), cfg.workers if cfg.workers > 0 else available_cpus(), Path(cfg.out)
     source = layouts.detect(cfg.raw, workers, cache=out / BUILD_DIR)
     plan, shards = make_plan(source, cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_plan(out, plan)
     mine = [s for j, s in enumerate(shards) if j % cfg.num_tasks == cfg.task_index]
-    for s in mine:  # what a killed run of this task left: the tar under atomic_path's temporary name
-        (out / s.split / f"{s.name}.tmp.tar").unlink(missing_ok=True)
-    todo = [s for s in mine if not is_complete(out, s)]
-    skipped = len(mine) - len(todo)
-    task = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
-    planned = ", ".join(f"{k} {v['num_inputs']} inputs in {v['num_shards']} shards" for k, v in plan["splits"].items())
-    print(f"{task}{source.layout} layout: {planned}; {len(todo)} shards to write"
+    return Task(out, source.layout, plan, mine, workers, start)
+
+
+def run_task(cfg: BuildConfig, task: Task) -> dict | None:
+    """Write the task's shards that are not complete yet; with num_tasks=1 also merge. The manifest when merged."""
+    for s in task.shards:  # what a killed run of this task left: the tar under atomic_path's temporary name
+        (task.out / s.split / f"{s.name}.tar.tmp").unlink(missing_ok=True)
+    todo = [s for s in task.shards if not is_complete(task.out, s)]
+    skipped = len(task.shards) - len(todo)
+    name = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
+    planned = ", ".join(f"{k} {v['num_inputs']} inputs in {v['num_shards']} shards"
+                        for k, v in task.plan["splits"].items())
+    print(f"{name}{task.layout} layout: {planned}; {len(todo)} shards to write"
           + (f", {skipped} already complete" if skipped else ""), file=sys.stderr)
     t0 = time.perf_counter()
-    results = run_shards(out, todo, cfg, workers)
-    print(f"{task}{task_summary(results, time.perf_counter() - t0, workers)}", file=sys.stderr)
+    results = run_shards(task.out, todo, cfg, task.workers)
+    print(f"{name}{task_summary(results, time.perf_counter() - t0, task.workers)}", file=sys.stderr)
     if cfg.num_tasks > 1:
-        print(f"{task}done in {time.perf_counter() - start:.1f} s; run `python -m shards merge --out={out}` "
-              "once every task has finished", file=sys.stderr)
+        print(f"{name}done in {time.perf_counter() - task.start:.1f} s; run `python -m shards merge "
+              f"--out={task.out}` once every task has finished", file=sys.stderr)
         return None
-    return merge(out)
+    return merge(task.out)
+
+
+def build(cfg: BuildConfig) -> dict | None:
+    """Run one task of the build; with num_tasks=1 also merge. Returns the manifest when merged."""
+    return run_task(cfg, plan_task(cfg))
 
 
 # --- merge ---------------------------------------------------------------------------------------------------------
@@ -414,8 +434,9 @@ def summary_table(manifest: dict) -> str:
 def build_main(argv: list[str]) -> None:
     limit_threads(1)  # this process writes tars beside the workers; with one worker it converts too
     cfg = parse_config(BuildConfig, argv, description=__doc__)
-    with usage_errors():
-        build(cfg)
+    with usage_errors():  # what is wrong with RAW, DATA or the options; an error while writing keeps its traceback
+        task = plan_task(cfg)
+    run_task(cfg, task)
 
 
 def merge_main(argv: list[str]) -> None:

@@ -357,8 +357,9 @@ def write_sample(cfg: SampleConfig) -> dict[str, Path]:
 
 def sample_main(argv: list[str]) -> None:
     cfg = parse_config(SampleConfig, argv, description=__doc__)
-    with usage_errors():
-        paths = write_sample(cfg)
+    with usage_errors():  # an error while writing keeps its traceback
+        check_config(cfg)
+    paths = write_sample(cfg)
     num_train, num_val = len(CLASSES) * cfg.train_per_class, len(CLASSES) * cfg.val_per_class
     oddities = ", ".join(description for _, _, description in ODDITIES)
     print(f"wrote {paths['train']}: {len(CLASSES)} classes x {cfg.train_per_class} = {num_train} images "

@@ -14,6 +14,7 @@ import eval as evaluation
 from model import AlexNet
 from pipeline import Output, eval_loader
 from pipeline.pipelines import TEN_CROP_ORDER
+from runtime import TOP_K, topk_correct
 from tests.conftest import REPO
 from tests.shardkit import read_samples, write_class_folders, write_data
 
@@ -55,8 +56,8 @@ def test_topk_errors_agree_with_sklearn():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(200, 10))
     labels = rng.integers(0, 10, 200)
-    correct = evaluation.topk_correct(torch.from_numpy(scores), torch.from_numpy(labels))
-    for k, c in zip(evaluation.TOP_K, correct.tolist()):
+    correct = topk_correct(torch.from_numpy(scores), torch.from_numpy(labels))
+    for k, c in zip(TOP_K, correct.tolist()):
         assert c / 200 == pytest.approx(top_k_accuracy_score(labels, scores, k=k, labels=range(10)))
 
 
