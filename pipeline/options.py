@@ -1,7 +1,8 @@
 """The options both loaders take, in two groups: what the caller gets (`Output`), how it is read (`Reading`).
 
 Neither changes which samples a batch holds or how they are augmented; `Reading` changes how fast they come, and
-the pixels only by decoder rounding (`hw_decoder_load` shares a GPU batch between two JPEG decoders). Nothing here imports DALI or torch, so a caller can build them before it decides to read anything.
+the pixels only by decoder rounding (`hw_decoder_load` shares a GPU batch between two JPEG decoders). Nothing here
+imports DALI or torch, so a caller can build them before it decides to read anything.
 """
 from dataclasses import dataclass
 
