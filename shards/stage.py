@@ -178,9 +178,10 @@ def stage_main(argv: list[str]) -> None:
         entries = shard_entries(manifest, cfg.splits, data)
         check_same_shard_set(data, to)
         check_space(entries, data, to)
-    start = time.perf_counter()  # an error while copying keeps its traceback
-    total = sum(shard_bytes(e, data) for e in entries)
-    copied_files, copied_bytes = copy_shards(entries, data, to, cfg.workers, total)
+        start = time.perf_counter()
+        total = sum(shard_bytes(e, data) for e in entries)
+        # Copying stays inside: a source shard found altered, or a full disk, is a one-line error too.
+        copied_files, copied_bytes = copy_shards(entries, data, to, cfg.workers, total)
     seconds = time.perf_counter() - start
     print(f"staged {len(entries)} shards ({total / GB:.2f} GB) to {to} in {seconds:.0f} s: "
           f"{copied_files} copied ({copied_bytes / GB / max(seconds, 1e-9):.2f} GB/s), "
