@@ -13,6 +13,7 @@ slower than with one thread each. Every process that does numeric work beside ot
 """
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,17 +57,28 @@ def usage_errors(advice: str = "") -> Iterator[None]:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write to, renamed onto `path` when the block ends without an exception.
 
-    A kill mid-write leaves the previous file (or none), never a partial one. The temporary name ends in `.tmp`
-    (`train-000001.tar.tmp`), so that nothing that looks for `*.tar` files takes a half-written one for a shard or
-    an archive; writers that pick a format by the suffix must name the format.
+    A kill mid-write leaves the previous file (or none), never a partial one. The temporary name is this host's and
+    process's own (`train-000001.tar.tmp-node7-4242`): array tasks that write the same file at once (plan.json, an
+    archive listing) never rename each other's half-written one into place, and nothing that looks for `*.tar`
+    takes it for a shard or an archive. Writers that pick a format by the suffix must name the format.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """`data` into `path` through atomic_path, on disk before the rename: never a partial file under the final name,
+    also after a crash of the machine."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ See docs/FORMAT.md for what is written. How it works:
              seed, cut each split into shards of `shard_size` inputs. The plan depends only on input and parameters,
              so every array task computes the same one and shard j belongs to task j % num_tasks.
   2. shards  workers turn chunks of inputs into JPEGs plus exact integer sums for the statistics; the main process
-             writes each shard to `<name>.tar.tmp` and renames it when complete. Per-shard results (count, sha256,
-             rejected, converted, statistics sums) go to DATA/.build/. A rerun skips shards that are complete.
+             writes each shard to `<name>.tar.tmp-<host>-<pid>` and renames it when complete. Per-shard results
+             (count, sha256, rejected, converted, statistics sums) go to DATA/.build/. A rerun skips shards that are
+             complete.
   3. merge   once every shard exists: manifest.json and stats.npz from the per-shard results.
 """
 import dataclasses
@@ -19,7 +20,6 @@ import io
 import json
 import multiprocessing
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from config import parse_config
-from runtime import UsageError, atomic_path, available_cpus, limit_threads, run_main, usage_errors
+from runtime import UsageError, atomic_path, available_cpus, limit_threads, run_main, usage_errors, write_atomically
 from shards import MANIFEST, STATS, image, layouts, tario
 
 FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
@@ -120,29 +120,13 @@ def save_plan(out: Path, plan: dict) -> None:
             raise ValueError(f"{out} holds a build with another plan ({what}); use an empty --out or the same "
                              "input and parameters to resume")
         return
-    atomic_write(path, json.dumps(plan, indent=1).encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary name, synced first: never a partial file under the final name.
-
-    The temporary name is this host's and process's own, not runtime.atomic_path's one fixed name: the array tasks
-    write plan.json and the archive listings at the same time, and with a shared temporary name one task would
-    rename another's half-written file into place.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{socket.gethostname()}-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(plan, indent=1).encode())
 
 
 def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    atomic_write(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
 
 
 # --- converting inputs (runs in the worker processes) ----------------------------------------------------------------
@@ -231,8 +215,8 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
             total = {"sum_image": sum(r[4]["sum_image"].astype(np.uint64) for r in results),
                      **{k: sum(r[4][k] for r in results) for k in SUMS[1:]}}
             atomic_savez(npz_path, **total)
-        atomic_write(json_path, json.dumps(result, indent=1).encode())
-        atomic_write(tar.with_suffix(".idx"), index.encode())
+        write_atomically(json_path, json.dumps(result, indent=1).encode())
+        write_atomically(tar.with_suffix(".idx"), index.encode())
     return result
 
 
@@ -317,7 +301,8 @@ def plan_task(cfg: BuildConfig) -> Task:
 def run_task(cfg: BuildConfig, task: Task) -> dict | None:
     """Write the task's shards that are not complete yet; with num_tasks=1 also merge. The manifest when merged."""
     for s in task.shards:  # what a killed run of this task left: the tar under atomic_path's temporary name
-        (task.out / s.split / f"{s.name}.tar.tmp").unlink(missing_ok=True)
+        for tmp in (task.out / s.split).glob(f"{s.name}.tar.tmp-*"):
+            tmp.unlink()
     todo = [s for s in task.shards if not is_complete(task.out, s)]
     skipped = len(task.shards) - len(todo)
     name = f"task {cfg.task_index}/{cfg.num_tasks}: " if cfg.num_tasks > 1 else ""
@@ -405,7 +390,7 @@ def merge(out: Path | str) -> dict:
     atomic_savez(out / STATS, mean_image=mean_image, rgb_mean=rgb_mean, pca_eigval=eigval, pca_eigvec=eigvec)
     manifest = {"format": FORMAT_VERSION, "classes": plan["classes"], "splits": splits, "rejected": rejected,
                 "converted": converted, "stats": stats, "params": plan["params"]}
-    atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomically(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     print(summary_table(manifest), file=sys.stderr)
     return manifest
 

@@ -26,6 +26,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from runtime import write_atomically
+
 SPLITS = ("train", "val", "test")
 
 
@@ -255,8 +257,6 @@ def cached_listing(archive: Path, cache: Path | None, list_archive):
     """
     if cache is None:
         return list_archive(archive)
-    from shards.build import atomic_write  # not at the top: build imports this module
-
     stat = archive.stat()
     key = {"format": LISTING_FORMAT, "archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     path = cache / f"listing-{archive.name}.json"
@@ -267,7 +267,7 @@ def cached_listing(archive: Path, cache: Path | None, list_archive):
             if saved.get("key") == key:
                 return saved["listing"]
         listing = list_archive(archive)
-        atomic_write(path, json.dumps({"key": key, "listing": listing}, separators=(",", ":")).encode())
+        write_atomically(path, json.dumps({"key": key, "listing": listing}, separators=(",", ":")).encode())
     return listing
 
 

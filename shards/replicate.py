@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from config import parse_config
-from runtime import UsageError, atomic_path, run_main, shard_path, usage_errors
+from runtime import UsageError, run_main, shard_path, usage_errors, write_atomically
 from shards import MANIFEST, STATS
 
 
@@ -45,8 +45,7 @@ def replicate(data: Path, out: Path, copies: int) -> dict:
                 split[count] *= copies
     manifest["params"].update(replicated=copies, note="benchmark data: the same images copied; never train on it")
     shutil.copyfile(data / STATS, out / STATS)
-    with atomic_path(out / MANIFEST) as tmp:
-        tmp.write_bytes((json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomically(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from config import parse_config
-from runtime import atomic_path, usage_errors
+from runtime import usage_errors, write_atomically
 from shards.image import ORIENTATION_TAG
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
@@ -253,12 +253,6 @@ def tar_bytes(members: list[tuple[str, bytes | None]]) -> bytes:
         for name, data in members:
             tar.addfile(*tar_member(name, data))
     return buffer.getvalue()
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write via a temporary name, so that an interrupted run never leaves a truncated archive behind."""
-    with atomic_path(path) as partial:
-        partial.write_bytes(data)
 
 
 def train_archive(cfg: SampleConfig) -> bytes:

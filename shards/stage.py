@@ -80,9 +80,9 @@ def copy_atomically(src: Path, to: Path) -> None:
     """Copy `src` into `to` under a temporary name and rename it: an interrupted copy never looks like a finished one,
     and a reader that has the old file open keeps reading the old file.
 
-    The temporary name is in this process's partial directory, not runtime.atomic_path's one fixed name beside the
-    file: two jobs may stage into the same directory at once, and a shard's tar and index are checked as a pair
-    there before either is renamed (see stage_shard)."""
+    The temporary name is in this process's partial directory, as the shards' pairs are (see stage_shard): one
+    directory per process, which two jobs staging into the same place never share and copy_shards removes whole
+    after an error."""
     tmp = partial_dir(to) / src.name
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, tmp)

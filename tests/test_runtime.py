@@ -41,7 +41,8 @@ def test_limit_threads_caps_blas_and_torch_in_this_process_and_its_children():
 def test_atomic_path_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "curves.png"
     with atomic_path(target) as tmp:
-        assert tmp.name == "curves.png.tmp"  # no `*.png` (or `*.tar`) reader takes it for a finished file
+        assert not tmp.match("*.png")  # no reader looking for `*.png` (or `*.tar`) takes it for a finished file
+        assert tmp.name.startswith("curves.png.tmp-") and tmp.name.endswith(f"-{os.getpid()}")  # its writer's own
         tmp.write_text("first")
     with pytest.raises(KeyError):
         with atomic_path(target) as tmp:

@@ -159,7 +159,7 @@ def test_rerun_after_interruption_redoes_only_missing_shards(reference, tmp_path
         if len(calls) == 3:
             tar = args[0] / args[1].file  # half a shard on disk, as a kill leaves it
             tar.parent.mkdir(parents=True, exist_ok=True)
-            tar.with_name(f"{tar.name}.tmp").write_bytes(b"\0" * 1000)
+            tar.with_name(f"{tar.name}.tmp-node7-4242").write_bytes(b"\0" * 1000)
             raise KeyboardInterrupt
         calls.append(args[1].name)
         return real_write(*args, **kwargs)
@@ -170,11 +170,11 @@ def test_rerun_after_interruption_redoes_only_missing_shards(reference, tmp_path
         build.build(cfg)
     assert not (out / "manifest.json").exists()
     finished = list(out.glob("*/*.tar"))  # the half-written shard is not among them
-    assert len(finished) == 3 and list(out.glob("*/*.tar.tmp"))
+    assert len(finished) == 3 and list(out.glob("*/*.tar.tmp-*"))
     monkeypatch.setattr(build, "write_shard", lambda *a, **k: calls.append(a[1].name) or real_write(*a, **k))
     build.build(cfg)
     assert len(calls) == len(set(calls)) == 7 + 3  # 10 shards in all, each written once
-    assert not list(out.glob("*/*.tar.tmp"))
+    assert not list(out.glob("*/*.tar.tmp-*"))
     assert tree_bytes(out) == tree_bytes(single)
 
 
