@@ -117,6 +117,16 @@ def check_shard(tar: str, idx: str, num_samples: int | None = None) -> None:
         raise RuntimeError(f"shard {tar}: truncated ({tar_bytes} bytes, its index needs {end}); rebuild or re-copy it")
 
 
+def rank_batch(batch_size: int, rank: int, world_size: int) -> int:
+    """Samples per batch of `rank`: its equal part of the global `batch_size`; ValueError for a rank outside the world
+    or a global batch that does not split evenly over it."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if batch_size % world_size:
+        raise ValueError(f"global batch {batch_size} does not split evenly over {world_size} ranks")
+    return batch_size // world_size
+
+
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[begin, end) positions of the samples this rank reads: DALI's `shard_id`/`num_shards` split."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size

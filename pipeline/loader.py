@@ -30,7 +30,7 @@ import math
 import torch
 
 from pipeline import pipelines
-from pipeline.data import find_bad_sample, read_manifest, read_split, read_stats, rank_range
+from pipeline.data import find_bad_sample, rank_batch, rank_range, read_manifest, read_split, read_stats
 from pipeline.options import Output, Reading
 from pipeline.order import GlobalOrder, TrainSource, read_table
 from runtime import available_cpus
@@ -152,11 +152,6 @@ def _resolve(output: Output) -> Output:
     return dataclasses.replace(output, device=device, dtype=dtype)
 
 
-def _check_rank(rank, world_size):
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-
-
 def _processing(output: Output, reading: Reading, stats) -> pipelines.Processing:
     """What the pipeline makes of each JPEG for `output` (resolved); DALI writes float16 or float32."""
     return pipelines.Processing(mean=output.mean, mean_image=stats.mean_image, rgb_mean=stats.rgb_mean,
@@ -192,7 +187,6 @@ def train_loader(data, batch_size: int, *, rank: int = 0, world_size: int = 1, s
     lighting: sigma of the PCA lighting's alpha (0 turns it off). split: the manifest's split to read.
     output, reading: what the caller gets and how the samples are read (pipeline/options.py).
     """
-    _check_rank(rank, world_size)
     if lighting < 0:
         raise ValueError(f"lighting {lighting}: sigma must be >= 0 (0 turns lighting off)")
     output = _resolve(output)
@@ -236,10 +230,7 @@ def eval_loader(data, split: str = "val", crops: str = "center", batch_size: int
     kinds = {"center": pipelines.center, "ten": pipelines.ten_crop}
     if crops not in kinds:
         raise ValueError(f"crops {crops!r}: expected 'center' or 'ten'")
-    _check_rank(rank, world_size)
-    if batch_size % world_size:
-        raise ValueError(f"global batch {batch_size} does not split evenly over {world_size} ranks")
-    per_rank = batch_size // world_size
+    per_rank = rank_batch(batch_size, rank, world_size)
     output = _resolve(output)
     manifest = read_manifest(data)
     stats = read_stats(data, manifest)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data import CROP, SIZE
+from pipeline.data import CROP, SIZE, rank_batch
 from runtime import limit_threads
 
 OFFSETS = SIZE - CROP  # 32: a crop may start at 0..32 in x and y
@@ -94,10 +94,7 @@ class GlobalOrder:
     max_steps: int = 0  # end every epoch after this many global steps (0: after all N // B)
 
     def __post_init__(self):
-        if self.batch_size % self.world_size:
-            raise ValueError(f"global batch {self.batch_size} does not split evenly over {self.world_size} ranks")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside 0..{self.world_size - 1}")
+        rank_batch(self.batch_size, self.rank, self.world_size)  # checks the rank and the split of the batch
         if self.num_samples < self.batch_size:
             raise ValueError(f"{self.num_samples} samples: fewer than one global batch of {self.batch_size}")
 
