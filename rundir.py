@@ -21,6 +21,7 @@ class Progress:
     batches_done: int = 0  # global steps done in the unfinished epoch
     step: int = 0  # global steps done in all
     # Of the unfinished epoch, summed over ranks: loss * images, correct, images; and seconds, the ranks' mean.
+    # Rank 0 carries them; the other ranks hold zeros, so that a sum over ranks counts them once.
     epoch_sums: list[float] = field(default_factory=lambda: [0.0] * 4)
 
 
@@ -39,7 +40,7 @@ class RunDirectory:
         if self.metrics.exists():
             rows = [] if resumed_step is None else [json.loads(line) for line in self.metrics.read_text().splitlines()
                                                     if line.strip()]
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= (resumed_step or 0)))
+            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resumed_step))
 
     def log(self, row: dict) -> None:
         with open(self.metrics, "a") as f:

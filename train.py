@@ -197,7 +197,7 @@ def train_epoch(setup: Setup, epoch: int, loader, network: Network, progress: Pr
     cfg, rank, run = setup.cfg, setup.rank, setup.run
     steps, device = loader.order.steps_per_epoch, rank.device
     network.train.train()
-    epoch_sums = torch.tensor(progress.epoch_sums if rank.is_main else [0.0] * 4, dtype=torch.float64, device=device)
+    epoch_sums = torch.tensor(progress.epoch_sums, dtype=torch.float64, device=device)  # other ranks carry zeros
     interval = torch.zeros(2, dtype=torch.float64, device=device)  # loss * images, images
     clock, seen = time.perf_counter(), []
     bar = tqdm(total=steps, initial=progress.batches_done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
