@@ -144,14 +144,19 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_crops(model, cfg: EvalConfig, rank: Rank, crops: str, keep_predictions: bool):
-    """One pass over the split with `crops` ("ten" or "center"): (images, errors, predictions), totalled over ranks."""
+def split_loader(cfg: EvalConfig, rank: Rank, crops: str):
+    """This rank's loader of cfg.split with `crops` ("ten" or "center"), each sample's position included."""
     gpu = rank.device.type == "cuda"
     with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
-        loader = pipeline.eval_loader(
+        return pipeline.eval_loader(
             cfg.data, cfg.split, crops, cfg.batch_size, rank=rank.rank, world_size=rank.world_size,
             output=pipeline.Output(device=rank.device, dtype=cfg.dtype if gpu else None, with_index=True),
             reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage))
+
+
+def evaluate_crops(model, cfg: EvalConfig, rank: Rank, crops: str, keep_predictions: bool):
+    """One pass over the split with `crops` ("ten" or "center"): (images, errors, predictions), totalled over ranks."""
+    loader = split_loader(cfg, rank, crops)
     correct, count, predictions = score_split(model, loader, rank.device, cfg.dtype, keep_predictions)
     return reduce_results(correct, count, predictions, rank.world_size)
 

@@ -16,11 +16,10 @@ from model import recipe
 from runtime import Rank
 
 
-def loader_output(device: torch.device, with_index: bool = False) -> pipeline.Output:
-    """What train.py and eval.py ask the loaders for: on a GPU bfloat16 images in channels-last memory."""
+def loader_output(device: torch.device) -> pipeline.Output:
+    """What train.py asks the loaders for with its defaults: on a GPU bfloat16 images in channels-last memory."""
     cuda = device.type == "cuda"
-    return pipeline.Output(device=device, dtype="bfloat16" if cuda else None, channels_last=cuda,
-                           with_index=with_index)
+    return pipeline.Output(device=device, dtype="bfloat16" if cuda else None, channels_last=cuda)
 
 
 def training_step(num_classes: int, device: torch.device, compiled: bool):
@@ -59,20 +58,18 @@ def end_to_end(data, num_classes, device, batch, threads, compiled):
 
 
 def eval_tencrop(data, num_classes, device, batch, threads):
-    """Whole passes of eval.py's ten-crop evaluation over the val split; one unit = one pass. The loader is built
-    and the model has run once (cuDNN picks its algorithms) before the work is returned: a pass is timed alone."""
+    """Whole passes of eval.py's ten-crop evaluation over the val split; one unit = one pass. eval.py's own loader,
+    model layout and dtype; the loader is built and the model has run once (cuDNN picks its algorithms) before the
+    work is returned: a pass is timed alone."""
     import eval as evaluation  # here, not at the top: the other rows run without eval.py's imports
-    model = evaluation.AlexNet(num_classes=num_classes).to(device).eval()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    dtype = "bfloat16" if device.type == "cuda" else "float32"
-    loader = pipeline.eval_loader(data, "val", "ten", batch, output=loader_output(device, with_index=True),
-                                  reading=pipeline.Reading(num_threads=threads))
-    cuda = device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    cfg = evaluation.EvalConfig(data=str(data), batch_size=batch, num_threads=threads)
+    model = evaluation.AlexNet(num_classes=num_classes).to(device).eval()  # as eval.load_model leaves it
+    loader = evaluation.split_loader(cfg, Rank(0, 1, 1, device), "ten")
+    with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, cfg.dtype),
+                                                 enabled=device.type == "cuda"):
         evaluation.ten_crop_probabilities(model, torch.zeros(batch, 10, 3, 224, 224, device=device))
 
     def work(n: int) -> int:
-        return sum(int(evaluation.score_split(model, loader, device, dtype, keep_predictions=False)[1])
+        return sum(int(evaluation.score_split(model, loader, device, cfg.dtype, keep_predictions=False)[1])
                    for _ in range(n))
     return work
