@@ -64,6 +64,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout on the GPU (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (about a minute of compiling first)
     num_threads: int = 0  # DALI CPU threads per rank (0: this node's CPUs divided among its ranks)
+    reader_workers: int = -1  # processes reading training samples per rank (-1: the loader's default; 0: none)
     storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (validation I/O)
     log_interval: int = 100  # steps between metric lines (the only host-device syncs in the loop)
     max_steps_per_epoch: int = 0  # end each epoch after this many global steps (0: the whole epoch; quick tests)
@@ -271,7 +272,8 @@ def make_loaders(setup: Setup, progress: Progress):
     common = dict(rank=rank.rank, world_size=rank.world_size,
                   output=pipeline.Output(device=rank.device, dtype=numerics.loader_dtype,
                                          channels_last=numerics.channels_last, mean=cfg.mean),
-                  reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage))
+                  reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage,
+                                           reader_workers=None if cfg.reader_workers < 0 else cfg.reader_workers))
     with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
         val = pipeline.eval_loader(cfg.data, "val", "center", cfg.batch_size, **common)
         train = pipeline.train_loader(cfg.data, cfg.batch_size, seed=cfg.seed, epoch=progress.epoch,
