@@ -8,6 +8,7 @@ VENV       ?= .venv
 DALI_CUDA  ?= 130# 120 for clusters whose driver only supports CUDA 12
 WHEELHOUSE ?=# a folder from `make wheelhouse`: install from it with no index access
 PEERS      ?=# 1: also install the peers `make bench` compares with (FFCV; needs libturbojpeg0-dev libopencv-dev)
+TB         ?=# 1: also install TensorBoard (train.py --tensorboard)
 
 SAMPLE_RAW  := data/sample-raw
 SAMPLE_DATA := data/sample
@@ -27,12 +28,12 @@ ON_SAMPLE := $(filter $(SAMPLE_DATA),$(DATA))
 SAMPLE_IF_DEFAULT := $(if $(ON_SAMPLE),$(SAMPLE_DATA)/manifest.json)
 DEMO_IF_DEFAULT   := $(if $(ON_SAMPLE),--preset=demo)
 CKPT_IF_DEFAULT   := $(if $(filter $(DEMO_RUN)/checkpoint.pt,$(CKPT)),$(DEMO_RUN)/checkpoint.pt)
-STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)$(if $(PEERS),-peers)
+STAMP   := $(VENV)/.installed-cuda$(DALI_CUDA)$(if $(PEERS),-peers)$(if $(TB),-tb)
 COMMA   := ,
-EXTRAS  := .[cuda$(DALI_CUDA),dev$(if $(PEERS),$(COMMA)peers)]
+EXTRAS  := .[cuda$(DALI_CUDA),dev$(if $(PEERS),$(COMMA)peers)$(if $(TB),$(COMMA)tb)]
 PIP_SRC := $(if $(WHEELHOUSE),--no-index --find-links $(WHEELHOUSE),)
 
-.PHONY: help setup demo test lint sample shards verify train eval bench bench-data wheelhouse gpu-payload gpu-rehearse clean
+.PHONY: help setup demo test lint sample shards verify train eval export bench bench-data wheelhouse gpu-payload gpu-rehearse clean
 
 help:
 	@echo "make demo                                   # fresh machine: sample data, shards, CPU training, 10-crop eval"
@@ -41,9 +42,11 @@ help:
 	@echo "make shards RAW=<imagenet dir> DATA=<shard dir> [ARGS=...]"
 	@echo "make train  DATA=<shard dir> RUN=<run dir> [ARGS='--key=value ...']"
 	@echo "make eval   DATA=<shard dir> CKPT=<run dir>/checkpoint.pt"
+	@echo "make export CKPT=<run dir>/best.pt          # <run dir>/best.safetensors: weights, classes, mean image"
 	@echo "make bench  DATA=<shard dir>"
 	@echo "make bench-data; make bench DATA=data/bench   # realistic: 1000 real images x20"
 	@echo "make setup PEERS=1                           # also FFCV, for make bench's peer rows"
+	@echo "make setup TB=1                              # also TensorBoard, for train.py --tensorboard"
 	@echo "make verify DATA=<shard dir>                # re-read every shard against the manifest"
 	@echo "make setup [DALI_CUDA=120] [WHEELHOUSE=<dir>] # project-local .venv"
 	@echo "make wheelhouse [WHEELHOUSE=<dir>]           # on a login node: every wheel, for offline compute nodes"
@@ -92,7 +95,11 @@ train: setup $(SAMPLE_IF_DEFAULT)
 eval: setup $(SAMPLE_IF_DEFAULT) $(CKPT_IF_DEFAULT)
 	$(PY) eval.py --data=$(DATA) --checkpoint=$(CKPT) $(ARGS)
 
-# The demo's checkpoint, for `make eval` with no arguments on a machine that has not trained yet.
+# The inference file beside the checkpoint (CKPT with .safetensors): no DATA needed, the checkpoint carries it all.
+export: setup $(CKPT_IF_DEFAULT)
+	$(PY) -m model.export --checkpoint=$(CKPT) $(ARGS)
+
+# The demo's checkpoint, for `make eval` or `make export` with no arguments on a machine that has not trained yet.
 $(DEMO_RUN)/checkpoint.pt: | $(SAMPLE_DATA)/manifest.json
 	$(PY) train.py --data=$(SAMPLE_DATA) --run=$(DEMO_RUN) --preset=demo
 

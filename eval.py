@@ -7,8 +7,10 @@
 Ten-crop as in the paper's §4.1: the four corner patches and the centre patch, each also reflected; the network's
 softmax probabilities (not its logits) are averaged over the ten patches, then ranked. The centre-crop result is
 measured in the same run with the centre-crop pipeline. Writes `<checkpoint dir>/eval-<split>.json`.
+A JPEG that does not decode ends the pass with status 65 and one line naming its shard and key, as in train.py.
 """
 import json
+import sys
 import tarfile
 import time
 from dataclasses import dataclass
@@ -20,11 +22,13 @@ import torch
 import torch.distributed as dist
 
 from config import parse_config, save_config
-from model import AlexNet
+from model import AlexNet, recipe
 import pipeline
-from pipeline import read_manifest
-from runtime import (TOP_K, Rank, UsageError, join_ranks, leave_ranks, limit_threads, load_checkpoint, run_main,
-                     shard_path, topk_correct, usage_errors)
+from pipeline import DataError
+from progress import progress_bar
+from runtime import (EXIT_BAD_SAMPLE, TOP_K, Rank, UsageError, check_option, join_ranks, leave_ranks, limit_threads,
+                     load_checkpoint, run_main, shard_path, topk_correct, usage_errors)
+from shardformat import read_manifest
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
 PAPER_RESULTS = [
@@ -45,6 +49,14 @@ class EvalConfig:
     num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
     storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
     save_predictions: bool = False  # also write per-image top-5 predictions and per-class accuracy
+    progress_interval: float = 30.0  # seconds between progress lines when the output is a file, not a terminal
+
+    def __post_init__(self):  # ranges, checked when parsed
+        check_option("batch_size", self.batch_size, self.batch_size >= 1, "at least 1")
+        check_option("num_threads", self.num_threads, self.num_threads >= 0, ">= 0 (0: all this process may use)")
+        check_option("progress_interval", self.progress_interval, self.progress_interval >= 0,
+                     ">= 0 seconds (0: a line at every update)")
+
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -90,14 +102,15 @@ def split_keys(data: Path, manifest: dict, split: str) -> dict[int, str]:
 
 # ---------------------------------------------------------------------------------------------------- the pass
 @torch.inference_mode()
-def score_split(model, loader, device, dtype, keep_predictions: bool):
-    """Top-k correct counts over this rank's samples, and (optionally) each sample's top-5 predictions."""
-    autocast = torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=device.type == "cuda")
+def score_split(model, loader, numerics: recipe.Numerics, keep_predictions: bool, bar=None):
+    """Top-k correct counts over this rank's samples, and (optionally) each sample's top-5 predictions; `bar`
+    (progress.progress_bar), if given, advances by the images of each batch."""
+    device = numerics.device
     correct = torch.zeros(len(TOP_K), dtype=torch.int64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     predictions = []
     for images, labels, index in loader:
-        with autocast:
+        with numerics.autocast:
             if images.dim() == 5:
                 scores = ten_crop_probabilities(model, images)
             else:
@@ -107,6 +120,8 @@ def score_split(model, loader, device, dtype, keep_predictions: bool):
         if keep_predictions:
             top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices.cpu()
             predictions += [(int(i), int(y), p.tolist()) for i, y, p in zip(index, labels.cpu(), top5)]
+        if bar:
+            bar.update(len(labels))
     return correct, count, predictions
 
 
@@ -144,20 +159,29 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def split_loader(cfg: EvalConfig, rank: Rank, crops: str):
+def split_loader(cfg: EvalConfig, rank: Rank, numerics: recipe.Numerics, crops: str):
     """This rank's loader of cfg.split with `crops` ("ten" or "center"), each sample's position included."""
-    gpu = rank.device.type == "cuda"
     with usage_errors():  # a manifest the user must fix (e.g. a shard path outside DATA)
         return pipeline.eval_loader(
             cfg.data, cfg.split, crops, cfg.batch_size, rank=rank.rank, world_size=rank.world_size,
-            output=pipeline.Output(device=rank.device, dtype=cfg.dtype if gpu else None, with_index=True),
+            output=pipeline.Output(**numerics.loader_output, with_index=True),
             reading=pipeline.Reading(num_threads=cfg.num_threads or rank.cpus, storage=cfg.storage))
 
 
-def evaluate_crops(model, cfg: EvalConfig, rank: Rank, crops: str, keep_predictions: bool):
+def evaluate_crops(model, cfg: EvalConfig, rank: Rank, numerics: recipe.Numerics, crops: str,
+                   keep_predictions: bool):
     """One pass over the split with `crops` ("ten" or "center"): (images, errors, predictions), totalled over ranks."""
-    loader = split_loader(cfg, rank, crops)
-    correct, count, predictions = score_split(model, loader, rank.device, cfg.dtype, keep_predictions)
+    loader = split_loader(cfg, rank, numerics, crops)
+    shown = f" (rank 0 of {rank.world_size})" if rank.world_size > 1 else ""
+    try:
+        with progress_bar(loader.num_samples, f"{crops}-crop {cfg.split}{shown}", unit="img", enabled=rank.is_main,
+                          interval_s=cfg.progress_interval) as bar:
+            correct, count, predictions = score_split(model, loader, numerics, keep_predictions, bar)
+    except pipeline.BadSampleError as e:  # this rank's own: it ends now, torchrun stops the others
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_SAMPLE)
+    except DataError as e:
+        raise UsageError(str(e)) from None
     return reduce_results(correct, count, predictions, rank.world_size)
 
 
@@ -171,15 +195,15 @@ def main(argv):
     rank = join_ranks(cfg.device)
     if cfg.batch_size % rank.world_size:
         raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {rank.world_size} ranks")
-    tf32 = rank.device.type == "cuda" and cfg.dtype != "float32"  # as in train.py: --dtype=float32 means float32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    numerics = recipe.numerics(rank.device, cfg.dtype)  # as in train.py: --dtype=float32 means float32, no TF32
     limit_threads(rank.cpus)
     model = load_model(checkpoint_path, len(manifest["classes"]), rank.device)
 
     start = time.perf_counter()
     result = {"split": cfg.split, "checkpoint": str(checkpoint_path), "world_size": rank.world_size}
-    result["n"], result["ten_crop"], predictions = evaluate_crops(model, cfg, rank, "ten", cfg.save_predictions)
-    _, result["center"], _ = evaluate_crops(model, cfg, rank, "center", False)
+    result["n"], result["ten_crop"], predictions = evaluate_crops(model, cfg, rank, numerics, "ten",
+                                                                   cfg.save_predictions)
+    _, result["center"], _ = evaluate_crops(model, cfg, rank, numerics, "center", False)
     result["seconds"] = time.perf_counter() - start
     if result["n"] != manifest["splits"][cfg.split]["num_samples"]:
         raise RuntimeError(f"evaluated {result['n']} images but the manifest lists "

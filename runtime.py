@@ -11,6 +11,7 @@ Why it matters: numpy's OpenBLAS, OpenMP and torch each start a thread per core 
 worker processes those threads spin against each other: a shard build with one OpenBLAS pool per worker ran 9x
 slower than with one thread each. Every process that does numeric work beside others limits its pools here.
 """
+import errno
 import os
 import signal
 import socket
@@ -25,6 +26,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 # What a checkpoint may hold: train.py writes nothing else, so that it loads with torch.load(weights_only=True).
 CHECKPOINT_CONTENT = "tensors, numbers, strings, lists and dicts"
 TOP_K = (1, 5)  # the errors every evaluation reports: top-1 and top-5
+# What says that the job was given GPUs on this node, whatever torch can see: Slurm's allocation, or a launcher's
+# (or the user's) explicit list of devices.
+GPU_ALLOCATION_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+EXIT_BAD_SAMPLE = 65  # a sample that does not decode stopped train.py or eval.py: a rerun meets it again (EX_DATAERR)
 
 
 class UsageError(Exception):
@@ -38,18 +44,39 @@ def run_main(main, argv: list[str] | None = None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        print(f"error: {no_space(e)}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
 
 
+def no_space(e: OSError) -> str:
+    """One line for a full disk or quota. Every writer here writes under a temporary name and renames a file only
+    when it is whole, so what the error interrupted left nothing that looks finished."""
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"{e.strerror or os.strerror(e.errno)}{where}: free space (or quota) there and rerun; what was finished "
+            "is kept, and nothing half-written is left under a final name")
+
+
+def check_option(name: str, value, ok: bool, expected: str) -> None:
+    """A UsageError naming `--name=value` unless `ok`: for range checks in the configuration dataclasses'
+    __post_init__, which run whatever parsed the command line."""
+    if not ok:
+        raise UsageError(f"--{name}={value}: expected {expected}")
+
+
 @contextmanager
 def usage_errors(advice: str = "") -> Iterator[None]:
-    """Turn the OSError or ValueError of a file the user named (a manifest, a checkpoint) into a one-line UsageError,
-    with `advice` appended. Library code raises ordinary exceptions; the entry points wrap their calls in this."""
+    """Turn the OSError or ValueError of a file the user named (a manifest, a checkpoint), or the ModuleNotFoundError
+    of a package missing from the environment (DALI), into a one-line UsageError, with `advice` appended. Library
+    code raises ordinary exceptions; the entry points wrap their calls in this."""
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ModuleNotFoundError) as e:
         raise UsageError(f"{e}{advice}") from None
 
 
@@ -109,8 +136,13 @@ def join_ranks(device_choice: str) -> Rank:
 
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     local_rank, local_size = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if device_choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device=cuda but no CUDA GPU is visible")
+    if not torch.cuda.is_available():
+        if device_choice == "cuda":
+            raise UsageError(f"--device=cuda but torch sees no CUDA GPU: {why_no_gpu()}")
+        allocated = gpu_allocation(os.environ)
+        if device_choice == "auto" and allocated:
+            raise UsageError(f"this job was given GPUs ({allocated}) but torch sees none: {why_no_gpu()}; "
+                             "--device=cpu runs on the CPU anyway")
     cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -118,6 +150,30 @@ def join_ranks(device_choice: str) -> Rank:
     if world_size > 1:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Rank(rank, world_size, local_size, device)
+
+
+def gpu_allocation(environ) -> str:
+    """The variables saying that GPUs were allocated to this job on this node ("" if none), as `NAME=value`."""
+    allocated = []
+    for name in GPU_ALLOCATION_VARIABLES:
+        value = environ.get(name, "").strip()
+        # What means "none": a count of 0 GPUs; a device list that is empty, -1 or Slurm's NoDevFiles (a device
+        # list's "0" is GPU 0)
+        none = ("0",) if name == "SLURM_GPUS_ON_NODE" else ("-1", "NoDevFiles")
+        if value and value not in none:
+            allocated.append(f"{name}={value}")
+    return ", ".join(allocated)
+
+
+def why_no_gpu() -> str:
+    """The likely reason torch sees no GPU: a CPU-only build, or a driver older than the CUDA torch was built for."""
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build; install a CUDA build (docs/HPC.md) in this "
+                "environment")
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}: the node's driver is missing, not "
+            "loaded or older than that (nvidia-smi shows the CUDA version it supports)")
 
 
 def all_sum(values, device) -> "torch.Tensor":  # noqa: F821 - see Rank.device

@@ -12,11 +12,14 @@ Every row is timed the same way (bench/harness.py): a warm-up, then `repeats` ti
                 as its own command on the real JPEGs in `raw` (bench/preprocess.py)
   limit, pipeline, source, pipeline_webdataset, dali_stock, ffcv, alternative, tencrop    data loading
                 (bench/loaders.py)
+  pipeline_latency, source_latency    the pipeline and its sample source reading through a FUSE mount that adds
+                --latency_ms to every read (bench/latencyfs.py; skipped without FUSE)
   model, end_to_end, model_compiled, end_to_end_compiled, eval_tencrop          the network (bench/training.py)
   breakdown     the CPU pipeline cut down step by step (bench/breakdown.py)
 Figures on the built-in procedural sample are not representative (its images are tiny to decode): the
 benchmark says so and measures anyway.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,51 +31,15 @@ from typing import Literal
 
 import torch
 
-from bench import training
+from bench import rows
 from bench.folders import REAL_IMAGES
 from bench.harness import hardware, measure, package_version
-from bench.preprocess import preprocess_works
+from bench.rows import ROWS, Setting
 from config import parse_config
-from pipeline import read_manifest
+from pipeline.options import READS_IN_FLIGHT
 from runtime import UsageError, available_cpus, limit_threads, run_main
+from shardformat import read_manifest
 
-ROWS = {  # row -> its label in the table
-    "preprocess": "preprocess: make shards (whole command, {cores} cores)",
-    "preprocess_naive": "preprocess: naive Pillow loop ({cores} processes)",
-    "limit": "limit: libjpeg-turbo decode only, {threads} processes",
-    "pipeline": "pipeline: train_loader ({device}, {threads} threads)",
-    "source": "pipeline's sample source alone, one process",
-    "pipeline_webdataset": "pipeline over DALI's webdataset reader (previous)",
-    "dali_stock": "peer: DALI as in NVIDIA's examples (no PCA)",
-    "ffcv": "peer: FFCV {ffcv} ({threads} workers)",
-    "alternative": "peer: DataLoader+webdataset+Pillow ({threads} workers)",
-    "tencrop": "pipeline: ten-crop (1 image = 10 patches)",
-    "model": "model alone: train.py's step, synthetic batch",
-    "model_compiled": "model alone, --compile",
-    "end_to_end": "end to end: train.py's step fed by train_loader",
-    "end_to_end_compiled": "end to end, --compile",
-    "eval_tencrop": "eval.py ten-crop pass over the val split",
-}
-DEFAULT_ROWS = {
-    "cpu": "preprocess,limit,pipeline,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,end_to_end",
-    "cuda": "pipeline,source,pipeline_webdataset,dali_stock,ffcv,alternative,tencrop,model,model_compiled,end_to_end,"
-            "end_to_end_compiled,eval_tencrop",
-}
-RATIOS = (  # (key, numerator, denominator, what it says)
-    ("preprocess_vs_naive", "preprocess", "preprocess_naive", "make shards / naive Pillow loop (goal >= 0.9)"),
-    ("pipeline_vs_limit", "pipeline", "limit", "train pipeline / decode limit"),
-    ("pipeline_vs_webdataset", "pipeline", "pipeline_webdataset", "global order / previous reader (>= 0.9)"),
-    ("pipeline_vs_dali_stock", "pipeline", "dali_stock", "train pipeline / DALI's example pipeline"),
-    ("pipeline_vs_ffcv", "pipeline", "ffcv", "train pipeline / FFCV"),
-    ("pipeline_vs_alternative", "pipeline", "alternative", "train pipeline / DataLoader+webdataset"),
-    ("pipeline_vs_model", "pipeline", "model", "train pipeline / model alone (>1: data is not the limit)"),
-    ("end_to_end_vs_model", "end_to_end", "model", "end to end / model alone (1.0: the GPU never waits)"),
-    ("end_to_end_compiled_vs_model_compiled", "end_to_end_compiled", "model_compiled",
-     "end to end / model alone, compiled"),
-)
-# Rows whose ratio is a target are measured in one go, their repeats interleaved, so that the machine's load
-# changes hit both alike (preprocess and its naive baseline are one row already).
-TOGETHER = ({"pipeline", "pipeline_webdataset"},)
 SMALL_SPLIT = 5000  # samples: below this an epoch is over within seconds, so repeats see epoch restarts
 
 
@@ -87,6 +54,8 @@ class BenchConfig:
     num_threads: int = 0  # DALI threads = decode processes = DataLoader/FFCV workers; 0: every usable core
     hw_decoder_load: str = ""  # GPU: comma list of hardware-decoder shares, one pipeline row each (empty: default)
     reader_workers: int = -1  # processes reading training samples (-1: train_loader's default for the device)
+    reads_in_flight: int = 0  # training reads waiting on the storage at once (0: train_loader's default)
+    latency_ms: float = 5.0  # pipeline_latency: added to every read by the FUSE mount (bench/latencyfs.py)
     raw: str = str(REAL_IMAGES)  # flat folder of real full-size <wnid>_*.JPEG for the preprocess rows
     work_dir: str = "bench-results/work"  # scratch: preprocess outputs, the FFCV dataset
     out: str = ""  # JSON results; empty: bench-results/bench-<host>-<device>.json
@@ -112,68 +81,17 @@ def data_notes(manifest: dict) -> list[str]:
     return notes
 
 
-def row_works(key: str, cfg: BenchConfig, manifest: dict, device: torch.device, batch: int, threads: int):
-    """{row name: work} for one requested row, or a string saying why it is skipped."""
-    num_classes, data = len(manifest["classes"]), cfg.data
-    if key in ("model", "model_compiled"):
-        return {key: training.model_alone(num_classes, device, batch, compiled=key.endswith("compiled"))}
-    if key == "preprocess":
-        if not Path(cfg.raw).is_dir():
-            return f"skipped: no folder of full-size JPEGs at {cfg.raw} (set --raw=DIR)"
-        return preprocess_works(Path(cfg.raw), Path(cfg.work_dir))
-    # DALI is imported by the rows that read data, not before: the model rows run where it is not installed yet.
-    from bench import loaders
-    from bench.breakdown import breakdown_works
-    if key == "limit":
-        return {key: loaders.limit(data, batch, threads)}
-    if key == "pipeline":
-        loads = [float(v) for v in cfg.hw_decoder_load.split(",") if v.strip()] if device.type == "cuda" else []
-        workers = None if cfg.reader_workers < 0 else cfg.reader_workers
-        if not loads:
-            return {key: loaders.pipeline(data, batch, device, threads, reader_workers=workers)}
-        return {f"pipeline[hw_decoder_load={v:g}]": loaders.pipeline(data, batch, device, threads, v, workers)
-                for v in loads}
-    if key == "source":
-        return {key: loaders.source(data, batch)}
-    if key in ("pipeline_webdataset", "dali_stock"):
-        return {key: loaders.dali_peer(key, data, batch, device, threads)}
-    if key == "ffcv":
-        if not loaders.ffcv_available():
-            return "skipped: not installed (make setup PEERS=1, see the README)"
-        beton = Path(cfg.work_dir) / f"ffcv-{Path(data).resolve().name}-train.beton"
-        return {key: loaders.ffcv(data, batch, device, threads, beton)}
-    if key == "alternative":
-        return {key: loaders.alternative(data, batch, device, threads)}
-    if key in ("tencrop", "eval_tencrop") and "val" not in manifest["splits"]:
-        return "skipped: the shards have no val split"
-    if key == "tencrop":
-        return {key: loaders.tencrop(data, min(batch, 64), device, threads)}  # 64 images = 640 patches
-    if key == "eval_tencrop":
-        return {key: training.eval_tencrop(data, num_classes, device, min(batch, 64), threads)}
-    if key in ("end_to_end", "end_to_end_compiled"):
-        return {key: training.end_to_end(data, num_classes, device, batch, threads, key.endswith("compiled"))}
-    if key == "breakdown":
-        if device.type == "cuda":
-            return "skipped: the breakdown is of the CPU pipeline (--device=cpu)"
-        return breakdown_works(data, batch, threads)
-    raise AssertionError(key)
-
-
 def measured_together(what: list[str]) -> list[list[str]]:
-    """The requested rows in order, grouped: rows of one TOGETHER set share a group."""
-    groups = []
+    """The requested rows in order, grouped: rows of one `interleaved` group share a group."""
+    groups = {}
     for key in what:
-        group = next((g for g in groups if any({key, g[0]} <= together for together in TOGETHER)), None)
-        if group is None:
-            groups.append([key])
-        else:
-            group.append(key)
-    return groups
+        groups.setdefault(ROWS[key].interleaved or key, []).append(key)
+    return list(groups.values())
 
 
 def label(key: str, fmt: dict) -> str:
     base, _, variant = key.partition("[")
-    text = ROWS.get(base, key).format(**fmt)
+    text = (ROWS[base].label if base in ROWS else key).format(**fmt)
     return f"{text} [{variant}" if variant else text
 
 
@@ -192,7 +110,7 @@ def table(results: dict, ratios: dict, fmt: dict) -> str:
                      f"{r.get('host_rss_peak_mib', 0):>9.0f} {gpu:>15}")
     if ratios:
         lines += ["", f"{'ratio (medians)':<58} {'x':>10}", "-" * 69]
-        lines += [f"{text:<58} {ratios[key]:>10.2f}" for key, _, _, text in RATIOS if key in ratios]
+        lines += [f"{r.text:<58} {ratios[r.key]:>10.2f}" for _, r in rows.ratios() if r.key in ratios]
     return "\n".join(lines)
 
 
@@ -204,11 +122,11 @@ def main(argv):
         raise UsageError("--device=cuda but no CUDA GPU is available")
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    what = [w.strip() for w in (cfg.what or DEFAULT_ROWS[device.type]).split(",") if w.strip()]
-    unknown = [w for w in what if w not in ROWS and w != "breakdown"]
+    what = [w.strip() for w in cfg.what.split(",") if w.strip()] if cfg.what else rows.default_rows(device.type)
+    unknown = [w for w in what if w not in ROWS]
     if unknown:
-        raise UsageError(f"--what: unknown {', '.join(unknown)} (choose from {', '.join([*ROWS, 'breakdown'])})")
-    what = list(dict.fromkeys("preprocess" if w == "preprocess_naive" else w for w in what))  # measured together
+        raise UsageError(f"--what: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
+    what = list(dict.fromkeys(ROWS[w].part_of or w for w in what))  # a part is measured by its row
     try:
         manifest = read_manifest(cfg.data)
     except (FileNotFoundError, ValueError) as e:
@@ -220,29 +138,32 @@ def main(argv):
     for note in notes:
         print(note, file=sys.stderr)
     fmt = dict(threads=threads, cores=available_cpus(), device=device.type,
-               ffcv=package_version("ffcv") or "")
+               ffcv=package_version("ffcv") or "", latency_ms=cfg.latency_ms,
+               reads=cfg.reads_in_flight or READS_IN_FLIGHT)
     results = {}
-    for group in measured_together(what):
-        print(f"measuring {' and '.join(group)} ...", file=sys.stderr, flush=True)
-        works = {}
-        for key in group:
-            row = row_works(key, cfg, manifest, device, batch, threads)
-            if isinstance(row, str):
-                results[key] = {"skipped": row}
-                print(f"  {key}: {row}", file=sys.stderr)
-            else:
-                works.update(row)
-        if not works:
-            continue
-        rates = measure(works, seconds=cfg.seconds, repeats=cfg.repeats, device=device,
-                        warmup_units=0 if "eval_tencrop" in group else 2)
-        for name, rate in rates.items():
-            results[name] = rate.as_dict()
-            if name.startswith("preprocess"):
-                results[name]["per_core"] = rate.median / fmt["cores"]
-            print(f"  {name}: {rate.median:.1f} images/s ({rate.low:.1f}-{rate.high:.1f})", file=sys.stderr)
-    ratios = {key: results[num]["images_per_s"] / results[den]["images_per_s"] for key, num, den, _ in RATIOS
-              if "images_per_s" in results.get(num, {}) and "images_per_s" in results.get(den, {})}
+    with contextlib.ExitStack() as mounts:  # a row's mount stays until every row is measured
+        setting = Setting(cfg, manifest, device, batch, threads, mounts)
+        for group in measured_together(what):
+            print(f"measuring {' and '.join(group)} ...", file=sys.stderr, flush=True)
+            works = {}
+            for key in group:
+                row = ROWS[key].build(setting)
+                if isinstance(row, str):
+                    results[key] = {"skipped": row}
+                    print(f"  {key}: {row}", file=sys.stderr)
+                else:
+                    works.update(row)
+            if not works:
+                continue
+            rates = measure(works, seconds=cfg.seconds, repeats=cfg.repeats, device=device,
+                            warmup_units=min(ROWS[key].warmup_units for key in group))
+            for name, rate in rates.items():
+                results[name] = rate.as_dict()
+                if name.startswith("preprocess"):
+                    results[name]["per_core"] = rate.median / fmt["cores"]
+                print(f"  {name}: {rate.median:.1f} images/s ({rate.low:.1f}-{rate.high:.1f})", file=sys.stderr)
+    ratios = {r.key: results[num]["images_per_s"] / results[r.denominator]["images_per_s"] for num, r in rows.ratios()
+              if "images_per_s" in results.get(num, {}) and "images_per_s" in results.get(r.denominator, {})}
     record = {"config": dataclasses.asdict(cfg), "device": device.type, "batch_size": batch, "threads": threads,
               "hardware": hardware(device), "load_average": os.getloadavg(), "notes": notes,
               "data": {"path": str(Path(cfg.data).resolve()), "procedural_sample": is_procedural_sample(manifest),

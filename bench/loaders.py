@@ -3,6 +3,8 @@
 Each function returns a `work(n)` for harness.measure: n batches of `batch` training images (224x224 random crops
 of the 256x256 shard images, reflected with p=0.5), as tensors on `device`.
   pipeline             train_loader: the global order, per-pixel mean, PCA lighting (the paper)
+  pipeline_latency     the same, reading the shards through a FUSE mount that adds a fixed delay to every read
+                       (bench/latencyfs.py): network scratch without a cache
   pipeline_webdataset  the same augmentation read by DALI's webdataset reader with a 4,096-sample shuffle buffer
                        (this project's previous design, nearly the same order every epoch)
   dali_stock           DALI as NVIDIA's examples write it: webdataset reader, random window decode,
@@ -11,13 +13,16 @@ of the 256x256 shard images, reflected with p=0.5), as tensors on `device`.
                        same 256x256 images (JPEG, quality 90)
   alternative          torch DataLoader + the webdataset library + Pillow crop/flip/per-pixel mean (no lighting)
   tencrop              eval_loader(crops="ten"): one image = ten 224x224 patches
-  source               the training pipeline's sample source (order.TrainSource) alone in this process: the
-                       samples per second one reader worker hands DALI (order, reads, augmentation draws)
+  source               the training pipeline's sample source (order.TrainSource) alone in this process, one read
+                       at a time: the samples per second it hands DALI (order, reads, augmentation draws)
+  source_latency       the same with train_loader's reads in flight, through the latency mount: the reads per
+                       second one rank gets from slow storage
   limit                libjpeg-turbo (Pillow) decoding the shard JPEGs to RGB in `threads` processes, nothing else:
                        the ceiling for anything that decodes every pixel on the CPU (a window decode may exceed it)
 """
 import io
 import itertools
+import math
 import multiprocessing
 import tarfile
 
@@ -28,6 +33,7 @@ from nvidia.dali import fn, pipeline_def, types
 from bench.harness import batches_work, endless
 from bench.training import loader_output
 from pipeline import Reading, eval_loader, pipelines, train_loader
+from pipeline.augment import Augment
 from pipeline.data import CROP, SIZE, read_split, read_stats
 from pipeline.order import GlobalOrder, TrainSource, read_table
 from runtime import limit_threads
@@ -37,17 +43,21 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 SHUFFLE_BUFFER = 4096  # samples: the webdataset reader's buffer in the previous design and in DALI's examples
 
 
-def pipeline(data, batch, device, threads, hw_decoder_load=None, reader_workers=None):
-    reading = Reading(num_threads=threads, reader_workers=reader_workers, hw_decoder_load=hw_decoder_load)
+def pipeline(data, batch, device, threads, hw_decoder_load=None, reader_workers=None, reads_in_flight=None):
+    reading = Reading(num_threads=threads, reader_workers=reader_workers, hw_decoder_load=hw_decoder_load,
+                      reads_in_flight=reads_in_flight)
     loader = train_loader(data, batch, output=loader_output(device), reading=reading)
     return batches_work(endless(loader))
 
 
-def source(data, batch):
+def source(data, batch, reads_in_flight=1):
+    """The source as train_loader runs it in the calling thread: `reads_in_flight` reads at once, reading ahead
+    as many batches as that takes."""
     split, stats = read_split(data, "train"), read_stats(data)
     table = read_table(split.tars, split.indexes)
-    train_source = TrainSource(GlobalOrder(len(table), batch, 1, 0, 0, 0.1), table, 0, eigval=stats.pca_eigval,
-                               eigvec=stats.pca_eigvec, rgb_mean=None, keep_batches=0)
+    train_source = TrainSource(GlobalOrder(len(table), batch, 1, 0, 0), table, 0,
+                               augment=Augment.of(0.1, stats, "pixel"), keep_batches=0,
+                               reads_in_flight=reads_in_flight, read_ahead=math.ceil(reads_in_flight / batch) - 1)
     iterations = itertools.count()
 
     def work(n: int) -> int:

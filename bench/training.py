@@ -18,24 +18,24 @@ from runtime import Rank
 
 def loader_output(device: torch.device) -> pipeline.Output:
     """What train.py asks the loaders for with its defaults: on a GPU bfloat16 images in channels-last memory."""
-    cuda = device.type == "cuda"
-    return pipeline.Output(device=device, dtype="bfloat16" if cuda else None, channels_last=cuda)
+    return pipeline.Output(**train.training_numerics(train.TrainConfig(), device).loader_output)
 
 
-def training_step(num_classes: int, device: torch.device, compiled: bool):
-    """train.py's network, optimiser and step for `device` with the paper's defaults: step(images, labels)."""
+def training_step(num_classes: int, numerics: recipe.Numerics, compiled: bool):
+    """train.py's network, optimiser and step with the paper's defaults: step(images, labels)."""
     cfg = train.TrainConfig(compile=compiled)
-    numerics = recipe.numerics(device, cfg.dtype, cfg.channels_last)
-    network = train.build_network(cfg, num_classes, Rank(0, 1, 1, device), numerics.channels_last)
+    network = train.build_network(cfg, num_classes, Rank(0, 1, 1, numerics.device), numerics.channels_last)
     return lambda images, labels: recipe.train_step(network.train, network.optimizer, images, labels,
                                                     numerics.autocast)
 
 
 def model_alone(num_classes, device, batch, compiled):
-    step = training_step(num_classes, device, compiled)
-    images = torch.randn(batch, 3, 224, 224, device=device)
-    if device.type == "cuda":
-        images = images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    numerics = train.training_numerics(train.TrainConfig(), device)
+    step = training_step(num_classes, numerics, compiled)
+    # As the loaders hand them over (loader_output): on a GPU bfloat16 in channels-last memory.
+    images = torch.randn(batch, 3, 224, 224, device=device).to(getattr(torch, numerics.loader_dtype))
+    if numerics.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch,), device=device)
 
     def work(n: int) -> int:
@@ -45,10 +45,11 @@ def model_alone(num_classes, device, batch, compiled):
     return work
 
 
-def end_to_end(data, num_classes, device, batch, threads, compiled):
-    step = training_step(num_classes, device, compiled)
-    batches = endless(pipeline.train_loader(data, batch, output=loader_output(device),
-                                            reading=pipeline.Reading(num_threads=threads)))
+def end_to_end(data, num_classes, device, batch, threads, compiled, reader_workers=None, reads_in_flight=None):
+    """The training step fed by train_loader, with its reader workers and reads in flight (None: its defaults)."""
+    step = training_step(num_classes, train.training_numerics(train.TrainConfig(), device), compiled)
+    reading = pipeline.Reading(num_threads=threads, reader_workers=reader_workers, reads_in_flight=reads_in_flight)
+    batches = endless(pipeline.train_loader(data, batch, output=loader_output(device), reading=reading))
 
     def work(n: int) -> int:
         for _ in range(n):
@@ -63,13 +64,13 @@ def eval_tencrop(data, num_classes, device, batch, threads):
     work is returned: a pass is timed alone."""
     import eval as evaluation  # here, not at the top: the other rows run without eval.py's imports
     cfg = evaluation.EvalConfig(data=str(data), batch_size=batch, num_threads=threads)
+    numerics = recipe.numerics(device, cfg.dtype)  # as eval.main sets it
     model = evaluation.AlexNet(num_classes=num_classes).to(device).eval()  # as eval.load_model leaves it
-    loader = evaluation.split_loader(cfg, Rank(0, 1, 1, device), "ten")
-    with torch.inference_mode(), torch.autocast(device.type, dtype=getattr(torch, cfg.dtype),
-                                                 enabled=device.type == "cuda"):
+    loader = evaluation.split_loader(cfg, Rank(0, 1, 1, device), numerics, "ten")
+    with torch.inference_mode(), numerics.autocast:
         evaluation.ten_crop_probabilities(model, torch.zeros(batch, 10, 3, 224, 224, device=device))
 
     def work(n: int) -> int:
-        return sum(int(evaluation.score_split(model, loader, device, cfg.dtype, keep_predictions=False)[1])
+        return sum(int(evaluation.score_split(model, loader, numerics, keep_predictions=False)[1])
                    for _ in range(n))
     return work

@@ -1,7 +1,8 @@
 """AlexNet (Krizhevsky, Sutskever & Hinton 2012) on one device; torch only.
 
-    from model import AlexNet
+    from model import AlexNet, load_exported
     net = AlexNet(num_classes=1000)        # 60,965,224 parameters; input N x 3 x 224 x 224
+    net = load_exported("runs/alexnet/best.safetensors")   # trained weights (`make export`), eval mode
 
 The paper split the network over two GPUs that exchanged activations only at conv3 and the
 fully connected layers. `groups=2` in conv2, conv4 and conv5 keeps exactly that connectivity
@@ -105,3 +106,12 @@ class AlexNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
         return self.classifier(torch.flatten(x, 1))
+
+
+def __getattr__(name):
+    # Imported when first asked for: model/export.py builds on AlexNet above, and `python -m model.export` must find
+    # it not yet imported.
+    if name == "load_exported":
+        from model.export import load_exported
+        return load_exported
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -2,12 +2,13 @@
 and weight decay on the weights, the learning rate divided by 10 when the validation error stops improving, and one
 step of it.
 
-    raw, net, eval_net = build_model(1000, dropout=0.5, seed=0, device=device, channels_last=True,
+    policy = numerics(device, "bfloat16", channels_last=True, benchmark=True)  # autocast, TF32, memory layout
+    raw, net, eval_net = build_model(1000, dropout=0.5, seed=0, device=device, channels_last=policy.channels_last,
                                      distributed=False, compile=False)
     optimizer = make_optimizer(raw, lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False, fused=True)
     schedule = DropOnPlateau(optimizer, patience=2, max_drops=3)
-    loss, logits = train_step(net, optimizer, images, labels, autocast)   # each step
-    schedule.step(val_top1_err)                                           # each epoch
+    loss, logits = train_step(net, optimizer, images, labels, policy.autocast)  # each step
+    schedule.step(val_top1_err)                                                 # each epoch
 """
 import math
 from dataclasses import dataclass
@@ -17,35 +18,38 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import AlexNet
-from runtime import derived_seed
-
-
-def configure_cuda(dtype: str) -> None:
-    """Backend settings for training on a GPU."""
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
-    # TF32 only under bfloat16 (PyTorch's default allows it in every convolution): --dtype=float32 means float32.
-    # Under bfloat16 the float32 products left are fc8's, whose bfloat16 inputs TF32 holds exactly, and LRN's
-    # window sums, where it rounds only the small alpha/n * sum term (model/__init__.py).
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "bfloat16"
 
 
 @dataclass(frozen=True)
 class Numerics:
-    """How the network computes on this device."""
-    autocast: torch.autocast  # bfloat16 on a GPU with --dtype=bfloat16, otherwise disabled
-    channels_last: bool
-    loader_dtype: str  # what the loaders hand over: bfloat16 under autocast, float32 otherwise
+    """How the network computes on a device, and the images the loaders hand it to match."""
+    device: torch.device
+    autocast: torch.autocast  # to bfloat16 or float16 on a GPU; disabled for float32 and on the CPU
+    channels_last: bool  # NHWC memory for the model and its images
+    loader_dtype: str  # the images' type: the autocast dtype on a GPU, float32 otherwise
+
+    @property
+    def loader_output(self) -> dict:
+        """pipeline.Output's options for such images: `pipeline.Output(**numerics.loader_output, mean=...)`."""
+        return {"device": self.device, "dtype": self.loader_dtype, "channels_last": self.channels_last}
 
 
-def numerics(device: torch.device, dtype: str, channels_last: bool) -> Numerics:
-    """bfloat16 autocast and channels-last on a GPU as asked (with configure_cuda's backend settings); float32 and
-    the default layout on the CPU."""
+def numerics(device: torch.device, dtype: str = "float32", channels_last: bool = False, *,
+             benchmark: bool = False) -> Numerics:
+    """The one place every entry point takes its numerics from. On a GPU: autocast to `dtype` ("bfloat16" or
+    "float16"; "float32": none) and channels-last as asked; on the CPU float32 in the default layout. Sets this
+    process's CUDA backend flags to match; `benchmark`: cuDNN times its convolution algorithms once per input shape
+    and keeps the fastest (worth it where the shapes repeat: training)."""
     cuda = device.type == "cuda"
+    reduced = cuda and dtype != "float32"
     if cuda:
-        configure_cuda(dtype)
-    bf16 = cuda and dtype == "bfloat16"
-    return Numerics(torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), cuda and channels_last,
-                    "bfloat16" if bf16 else "float32")
+        torch.backends.cudnn.benchmark = benchmark
+        # TF32 only under a reduced dtype (PyTorch's default allows it in every convolution): float32 means float32.
+        # Under bfloat16 the float32 products left are fc8's, whose bfloat16 inputs TF32 holds exactly, and LRN's
+        # window sums, where it rounds only the small alpha/n * sum term (model/__init__.py).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = reduced
+    return Numerics(device, torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=reduced),
+                    cuda and channels_last, dtype if cuda else "float32")
 
 
 def build_model(num_classes: int, *, dropout: float, seed: int, device: torch.device, channels_last: bool,
@@ -82,6 +86,23 @@ def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay
     return torch.optim.SGD(parameter_groups(model, weight_decay, decay_biases), lr=lr, momentum=momentum, fused=fused)
 
 
+def set_hyperparameters(optimizer: torch.optim.SGD, *, lr: float | None = None, momentum: float | None = None,
+                        weight_decay: float | None = None, decay_biases: bool | None = None) -> None:
+    """Replace the given values in make_optimizer's groups (weights, then biases), e.g. after loading a saved state:
+    `weight_decay` and `decay_biases` are set together (the biases' decay is weight_decay or 0)."""
+    weights, biases = optimizer.param_groups
+    for group in (weights, biases):
+        if lr is not None:
+            group["lr"] = lr
+        if momentum is not None:
+            group["momentum"] = momentum
+    if weight_decay is not None or decay_biases is not None:
+        if weight_decay is None or decay_biases is None:
+            raise ValueError("set weight_decay and decay_biases together")
+        weights["weight_decay"] = weight_decay
+        biases["weight_decay"] = weight_decay if decay_biases else 0.0
+
+
 class DropOnPlateau:
     """lr /= 10 when val error has not improved for `patience` epochs in a row, at most `max_drops` times.
 
@@ -116,18 +137,3 @@ def train_step(model, optimizer, images, labels, autocast) -> tuple[torch.Tensor
     optimizer.step()
     return loss, logits
 
-
-def seed_dropout(seed: int, epoch: int, skip: int, rank: int, world_size: int, ckpt: dict | None, device) -> None:
-    """Dropout masks: drawn per (seed, epoch, rank); a run stopped mid-epoch continues the stopped RNG streams.
-
-    Resumed on another number of ranks, the streams are rank-local and cannot be carried over: the rest of the
-    epoch draws its masks from (seed, epoch, step, rank) instead (the data and augmentation are unaffected).
-    """
-    if ckpt is None:
-        torch.manual_seed(derived_seed(seed, epoch, rank))
-    elif ckpt["world_size"] != world_size:
-        torch.manual_seed(derived_seed(seed, epoch, skip, rank))
-    else:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)

@@ -2,7 +2,7 @@
 
 Nothing here imports DALI or torch, so it is cheap to call from anywhere (class names, split sizes).
 """
-import json
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,25 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from runtime import shard_path
+from shardformat import MANIFEST, SIZE, STATS, index_path, parse_index_header, parse_index_line, read_manifest
 
-FORMAT_VERSION = 2  # the shard format version (docs/FORMAT.md) these pipelines read
-SIZE = 256  # px, side of every stored image
 CROP = 224  # px, side of the network input
 
 
-def read_manifest(data: str | os.PathLike) -> dict:
-    """`DATA/manifest.json` as a dict; a missing or unreadable manifest is an error naming the file."""
-    path = Path(data) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest (is {data} a directory written by `shards build`?)") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable manifest: {e}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path}: shard format {manifest.get('format')}, these pipelines read format "
-                         f"{FORMAT_VERSION}: rebuild the shards into an empty directory")
-    return manifest
+class DataError(RuntimeError, ValueError):
+    """A shard that is missing, unreadable or damaged: one line naming the file. A ValueError too, so that the entry
+    points' `usage_errors` report it as the user's to fix (rebuild, re-copy or restore it), in one line."""
 
 
 @dataclass(frozen=True)
@@ -41,7 +30,7 @@ class Stats:
 
 def read_stats(data: str | os.PathLike, manifest: dict | None = None) -> Stats:
     """The training-set statistics: `mean_image` from stats.npz, PCA from the manifest (stats.npz as fallback)."""
-    path = Path(data) / "stats.npz"
+    path = Path(data) / STATS
     try:
         with np.load(path) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -69,12 +58,12 @@ def read_split(data: str | os.PathLike, split: str, manifest: dict | None = None
     manifest = manifest or read_manifest(data)
     splits = manifest.get("splits", {})
     if split not in splits:
-        raise ValueError(f"{Path(data) / 'manifest.json'}: no split {split!r} (have {', '.join(splits) or 'none'})")
+        raise ValueError(f"{Path(data) / MANIFEST}: no split {split!r} (have {', '.join(splits) or 'none'})")
     shards = splits[split]["shards"]
     if not shards:
         raise ValueError(f"{data}: split {split!r} has no shards")
     tars = [str(shard_path(data, s["file"])) for s in shards]  # never a file outside DATA
-    indexes = [str(Path(t).with_suffix(".idx")) for t in tars]
+    indexes = [str(index_path(t)) for t in tars]
     if check:
         for tar, idx, shard in zip(tars, indexes, shards):
             check_shard(tar, idx, shard.get("num_samples"))
@@ -95,26 +84,38 @@ def check_shard(tar: str, idx: str, num_samples: int | None = None) -> None:
             tar_bytes = os.fstat(f.fileno()).st_size
             head = f.read(512)
         with open(idx, "rb") as f:
-            header = f.readline().split()
+            header = f.readline()
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 65536))
-            lines = [line.split() for line in f.read().splitlines() if line.strip()]
+            lines = [line for line in f.read().splitlines() if line.strip()]
     except OSError as e:
-        raise RuntimeError(f"shard {tar}: cannot read it or its index {idx}: {e.strerror or e}") from None
+        raise DataError(f"shard {tar}: cannot read it or its index {idx}: {e.strerror or e}") from None
     if head[257:262] != b"ustar":
-        raise RuntimeError(f"shard {tar}: not a tar archive (no ustar header at its start)")
-    if len(header) != 2 or not header[0].startswith(b"v1") or not header[1].isdigit():
-        raise RuntimeError(f"shard {tar}: index {idx} is not a DALI webdataset index (header {header!r})")
-    if num_samples is not None and int(header[1]) != num_samples:
-        raise RuntimeError(f"shard {tar}: index {idx} lists {int(header[1])} samples, the manifest {num_samples}")
-    last = lines[-1] if lines else []
-    try:  # each component is `<ext> <offset> <size>` (v1.2 adds a file name)
-        step = 4 if header[0] == b"v1.2" else 3
-        end = max(int(last[i + 1]) + int(last[i + 2]) for i in range(0, len(last) - 2, step)) if last[1:] else 0
-    except (ValueError, IndexError):
-        raise RuntimeError(f"shard {tar}: malformed last line in index {idx}") from None
+        raise DataError(f"shard {tar}: not a tar archive (no ustar header at its start)")
+    try:
+        version, count = parse_index_header(header)
+    except ValueError as e:
+        raise DataError(f"shard {tar}: index {idx} {e}") from None
+    if num_samples is not None and count != num_samples:
+        raise DataError(f"shard {tar}: index {idx} lists {count} samples, the manifest {num_samples}")
+    try:
+        members = parse_index_line(lines[-1], version) if lines else []
+    except ValueError:
+        raise DataError(f"shard {tar}: malformed last line in index {idx}") from None
+    end = max((offset + size for _, offset, size in members), default=0)
     if end > tar_bytes:
-        raise RuntimeError(f"shard {tar}: truncated ({tar_bytes} bytes, its index needs {end}); rebuild or re-copy it")
+        raise DataError(f"shard {tar}: truncated ({tar_bytes} bytes, its index needs {end}); rebuild or re-copy it")
+
+
+def dataset_identity(manifest: dict, split: str = "train") -> dict:
+    """What identifies a split's samples and their order: its sample count and a digest of its shards' checksums
+    (manifest order). A rebuilt or different shard set has another digest, so a mid-epoch position means
+    other samples there."""
+    if split not in manifest.get("splits", {}):
+        raise ValueError(f"the manifest has no split {split!r}")
+    shards = manifest["splits"][split]["shards"]
+    digest = hashlib.sha256("\n".join(f"{s['file']} {s.get('sha256', '')}" for s in shards).encode()).hexdigest()
+    return {"split": split, "num_samples": int(manifest["splits"][split]["num_samples"]), "shards_sha256": digest}
 
 
 def rank_batch(batch_size: int, rank: int, world_size: int) -> int:
@@ -130,29 +131,3 @@ def rank_batch(batch_size: int, rank: int, world_size: int) -> int:
 def rank_range(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[begin, end) positions of the samples this rank reads: DALI's `shard_id`/`num_shards` split."""
     return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
-
-
-def find_bad_sample(tars: list[str], indexes: list[str]) -> str | None:
-    """The first `<shard>: <member>` whose JPEG lacks its start/end markers, for error messages after a failure.
-
-    Reads 2+2 bytes per sample through the index, so it is fast enough to run once when decoding has failed.
-    """
-    for tar, idx in zip(tars, indexes):
-        try:
-            with open(idx) as f, open(tar, "rb") as t:
-                step = 4 if next(f).startswith("v1.2") else 3  # v1.2 lines add each member's file name
-                for line in f:
-                    fields = line.split()
-                    for i in range(0, len(fields) - 2, step):
-                        if fields[i] != "jpg":
-                            continue
-                        offset, size = int(fields[i + 1]), int(fields[i + 2])
-                        t.seek(offset)
-                        start = t.read(2)
-                        t.seek(offset + size - 2)
-                        if start != b"\xff\xd8" or t.read(2) != b"\xff\xd9":
-                            name = fields[i + 3] if step == 4 else f"sample at byte {offset}"
-                            return f"{tar}: {name} is not a complete JPEG"
-        except (OSError, ValueError, StopIteration) as e:
-            return f"{tar}: unreadable ({e})"
-    return None

@@ -1,40 +1,57 @@
 """The training order: a fresh global permutation every epoch, the same global batches on any number of ranks.
 
-Everything here is a pure function of (seed, epoch, global step): which samples form a global batch, which part
-of it each rank takes, and each sample's augmentation (crop offset, reflection, lighting). So a run stopped with
+Everything here is a pure function of (seed, epoch, global step): which samples form a global batch and which part
+of it each rank takes (and, in augment.py, each sample's crop, reflection and lighting). So a run stopped with
 8 ranks and resumed with 4 sees exactly the batches it would have seen, and a resumed run starts at its next step
 directly instead of reading the steps already done.
 
     epoch e, global step s  ->  samples permutation(seed, e)[s*B : (s+1)*B]  (B = the global batch size)
     rank r of n             ->  its part [r*B/n : (r+1)*B/n] of that global batch
 
-An epoch has N // B global steps (N: samples in the split). The last N % B samples of each epoch's permutation
-(fewer than one batch, a different random set every epoch) are left out of that epoch, so that every global batch
-is full and every rank takes the same share: DDP's gradient average is then the gradient of the whole batch.
+Every epoch is a fresh, uniformly random permutation of the whole split, like `DataLoader(shuffle=True)`. An epoch
+has N // B global steps (N: samples in the split), the same number on every rank, so DDP ranks stay in lockstep
+without `join()`. The last N % B samples of each epoch's permutation (fewer than one batch: 15 of ImageNet's
+1,281,167 at B = 128; a different random set every epoch) are left out of that epoch, and every other sample is read
+exactly once: every global batch is full and every rank takes the same share, so DDP's gradient average is the
+gradient of the whole batch of B samples, on any number of ranks.
 
 Samples are read straight from the shard tars through their DALI index (`.idx`) offsets, one `os.preadv` per sample
 covering its `.jpg`, `.cls`, `.label` and `.pos` members (docs/FORMAT.md). Nothing here imports DALI or torch.
 """
 import collections
+import concurrent.futures
+import contextlib
 import ctypes
+import errno
+import hashlib
+import itertools
 import multiprocessing
 import os
+import resource
 import signal
+import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import CROP, SIZE, rank_batch
-from runtime import limit_threads
+from pipeline.augment import Augment, TrainInputs
+from pipeline.data import rank_batch
+from runtime import atomic_path, limit_threads
+from shardformat import parse_index_header, parse_index_line
 
-OFFSETS = SIZE - CROP  # 32: a crop may start at 0..32 in x and y
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+DESCRIPTOR_MARGIN = 128  # open files left to the rest of a process that reads shards (DALI, CUDA, sockets)
 
 
 @dataclass(frozen=True)
 class SampleTable:
-    """Where every sample of a split lies: its shard, and the byte range of its members inside the tar."""
+    """Where every sample of a split lies: its shard, and the byte range of its members inside the tar.
+
+    The columns may be views of one memory-mapped `.npy` (`cache`, see `load_table`): every process that reads the
+    split then shares one copy in the page cache, and a worker process receives the file's name, not the columns.
+    """
     tars: tuple[str, ...]
     shard: np.ndarray  # int32 [N]: index into `tars`
     start: np.ndarray  # int64 [N]: byte offset of the sample's .jpg data
@@ -42,55 +59,114 @@ class SampleTable:
     label_at: np.ndarray  # int32 [N]: offset of the .label data, relative to `start`
     pos_at: np.ndarray  # int32 [N]: offset of the .pos data, relative to `start`
     span: np.ndarray  # int32 [N]: bytes to read: from the .jpg data to the end of the .pos data
+    cache: str | None = None  # the .npy the columns are mapped from, if any
 
     def __len__(self) -> int:
         return len(self.start)
 
+    def __reduce__(self):
+        if self.cache is None:
+            return SampleTable, (self.tars, self.shard, self.start, self.jpeg_size, self.label_at, self.pos_at,
+                                 self.span)
+        return open_table, (self.tars, self.cache)
+
+    @classmethod
+    def of_rows(cls, tars, rows: np.ndarray, cache: str | None = None) -> "SampleTable":
+        """The table whose columns are the fields of the structured array `rows` (TABLE_ROW)."""
+        return cls(tuple(tars), *(rows[name] for name in TABLE_ROW.names), cache=cache)
+
+
+# One sample of a SampleTable as stored in its cache: 28 bytes, 35.9 MB for ImageNet's 1,281,167 training samples.
+TABLE_ROW = np.dtype([("shard", "<i4"), ("start", "<i8"), ("jpeg_size", "<i4"), ("label_at", "<i4"),
+                      ("pos_at", "<i4"), ("span", "<i4")])
+
 
 def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
     """The sample table of a split from its DALI index files (text: `<ext> <offset> <size> [<name>]` per member)."""
-    shard, start, jpeg_size, label_at, pos_at = [], [], [], [], []
-    for number, idx in enumerate(indexes):
-        with open(idx) as f:
-            header = f.readline().split()
-            step = 4 if header[0] == "v1.2" else 3
-            for line in f:
-                fields = line.split()
-                members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), step)}
-                try:
-                    (jpg, size), label, pos = members["jpg"], members["label"], members["pos"]
-                except KeyError as e:
-                    raise ValueError(f"{idx}: a sample without a .{e.args[0]} member") from None
-                if not jpg < label[0] < pos[0]:  # one read covers a sample: .jpg first, .pos last (FORMAT.md)
-                    raise ValueError(f"{idx}: a sample's members are not in the order .jpg .cls .label .pos")
-                shard.append(number)
-                start.append(jpg)
-                jpeg_size.append(size)
-                label_at.append(label[0] - jpg)
-                pos_at.append(pos[0] - jpg)
-    pos_at = np.array(pos_at, np.int32)
-    return SampleTable(tuple(tars), np.array(shard, np.int32), np.array(start, np.int64),
-                       np.array(jpeg_size, np.int32), np.array(label_at, np.int32), pos_at, pos_at + 4)
+    rows = np.concatenate([index_rows(number, idx) for number, idx in enumerate(indexes)])
+    return SampleTable.of_rows(tars, rows)
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Per-sample augmentation of a training batch, drawn from (seed, epoch, step) for the whole global batch."""
-    crop_x: np.ndarray  # float32 [b]: normalised crop anchor k/32, k uniform in 0..32
-    crop_y: np.ndarray  # float32 [b]
-    mirror: np.ndarray  # int32 [b]: 1 = reflect horizontally (p = 0.5)
-    alpha: np.ndarray  # float32 [b, 3]: PCA lighting coefficients, N(0, sigma^2)
+def index_rows(number: int, idx: str) -> np.ndarray:
+    """The TABLE_ROW of every sample listed in one DALI index, the shard's `number` in the split."""
+    start, jpeg_size, label_at, pos_at = [], [], [], []
+    with open(idx, "rb") as f:
+        for line_number, line in enumerate(f, 1):
+            try:
+                if line_number == 1:
+                    version, _ = parse_index_header(line)
+                    continue
+                members = {ext: (offset, size) for ext, offset, size in parse_index_line(line, version)}
+            except ValueError as e:
+                raise ValueError(f"{idx}: line {line_number}: {e}") from None
+            try:
+                (jpg, size), label, pos = members["jpg"], members["label"], members["pos"]
+            except KeyError as e:
+                raise ValueError(f"{idx}: a sample without a .{e.args[0]} member") from None
+            if not jpg < label[0] < pos[0]:  # one read covers a sample: .jpg first, .pos last (FORMAT.md)
+                raise ValueError(f"{idx}: a sample's members are not in the order .jpg .cls .label .pos")
+            start.append(jpg)
+            jpeg_size.append(size)
+            label_at.append(label[0] - jpg)
+            pos_at.append(pos[0] - jpg)
+    rows = np.empty(len(start), TABLE_ROW)
+    rows["shard"], rows["start"], rows["jpeg_size"] = number, start, jpeg_size
+    rows["label_at"], rows["pos_at"] = label_at, pos_at
+    rows["span"] = rows["pos_at"] + 4
+    return rows
+
+
+def load_table(tars: list[str], indexes: list[str]) -> SampleTable:
+    """`read_table`, parsed once and kept as a `.npy` beside the indexes, memory-mapped by every process.
+
+    The cache's name carries a digest of the index files' names, sizes and modification times, so a changed index
+    is parsed again. Where the cache cannot be written (a read-only directory) or mapped (some FUSE mounts), the
+    table is parsed into this process's memory, as `read_table` does.
+    """
+    cache, table = table_cache_path(indexes), None
+    if not cache.exists():
+        table = read_table(tars, indexes)
+        try:
+            save_table(table, cache)
+        except OSError:
+            return table
+    try:
+        return open_table(tars, str(cache))
+    except OSError:
+        return table or read_table(tars, indexes)
+
+
+def save_table(table: SampleTable, cache: Path) -> None:
+    rows = np.empty(len(table), TABLE_ROW)
+    for name in TABLE_ROW.names:
+        rows[name] = getattr(table, name)
+    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+        np.save(f, rows)
+
+
+def table_cache_path(indexes: list[str]) -> Path:
+    digest = hashlib.sha256()
+    for idx in indexes:
+        info = os.stat(idx)
+        digest.update(f"{os.path.basename(idx)} {info.st_size} {info.st_mtime_ns}\n".encode())
+    return Path(indexes[0]).parent / f".sample-table-{digest.hexdigest()[:20]}.npy"
+
+
+def open_table(tars, cache: str) -> SampleTable:
+    rows = np.load(cache, mmap_mode="r")
+    if rows.dtype != TABLE_ROW:
+        raise ValueError(f"{cache}: not a sample table (delete it: the loader writes it again)")
+    return SampleTable.of_rows(tars, rows, cache)
 
 
 @dataclass(frozen=True)
 class GlobalOrder:
-    """The order of one split for one rank: which samples, in which order, with which augmentation."""
+    """The order of one split for one rank: which samples, in which order."""
     num_samples: int  # N: samples in the split
     batch_size: int  # B: the global batch, summed over ranks
     world_size: int
     rank: int
     seed: int
-    lighting: float  # sigma of the PCA lighting coefficients (0: none)
     max_steps: int = 0  # end every epoch after this many global steps (0: after all N // B)
 
     def __post_init__(self):
@@ -110,79 +186,166 @@ class GlobalOrder:
     def permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
+    @property
+    def places_in_batch(self) -> slice:
+        """This rank's places in every global batch (`rank_part` is the same part as places in the permutation)."""
+        return slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
     def rank_part(self, step: int) -> slice:
         begin = step * self.batch_size + self.rank * self.per_rank
         return slice(begin, begin + self.per_rank)
 
-    def augmentation(self, epoch: int, step: int) -> Augmentation:
-        """This rank's part of the global batch's draws: the same values for a sample on any number of ranks."""
-        rng = np.random.default_rng([self.seed, epoch, step, 1])
-        offsets = rng.integers(0, OFFSETS + 1, size=(2, self.batch_size))
-        mirror = rng.integers(0, 2, size=self.batch_size)
-        alpha = rng.normal(0.0, self.lighting, size=(self.batch_size, 3)) if self.lighting > 0 else (
-            np.zeros((self.batch_size, 3)))
-        part = slice(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
-        return Augmentation((offsets[0, part] / OFFSETS).astype(np.float32),
-                            (offsets[1, part] / OFFSETS).astype(np.float32),
-                            mirror[part].astype(np.int32), alpha[part].astype(np.float32))
+
+class OpenShards:
+    """The shards' file descriptors, at most `limit` open: the least recently used one not being read is closed to
+    open another. Safe to use from many threads; `acquire` and `release` enclose each read."""
+
+    def __init__(self, tars: tuple[str, ...], limit: int):
+        self.tars, self.limit = tars, limit
+        self._open: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # shard -> [fd, readers]
+        self._lock = threading.Lock()
+
+    def acquire(self, shard: int) -> int:
+        with self._lock:
+            entry = self._open.get(shard)
+            if entry is None:
+                self._close_idle(len(self._open) + 1 - self.limit)
+                try:
+                    entry = self._open[shard] = [os.open(self.tars[shard], os.O_RDONLY), 0]
+                except OSError as e:
+                    raise OSError(e.errno, f"{self.tars[shard]}: cannot open this shard ({e.strerror}; "
+                                           f"{len(self._open)} shards open)") from None
+            self._open.move_to_end(shard)
+            entry[1] += 1
+            return entry[0]
+
+    def release(self, shard: int) -> None:
+        with self._lock:
+            self._open[shard][1] -= 1
+
+    def _close_idle(self, count: int) -> None:
+        """Close up to `count` descriptors, the least recently used first, of shards no thread is reading."""
+        if count <= 0:
+            return
+        for shard in [s for s, (_, readers) in self._open.items() if readers == 0][:count]:
+            os.close(self._open.pop(shard)[0])
+
+    def close_all(self) -> None:
+        with self._lock:
+            for fd, _ in self._open.values():
+                with contextlib.suppress(OSError):  # a network mount already gone: the descriptor is closed anyway
+                    os.close(fd)
+            self._open.clear()
+
+
+def shard_descriptor_limit(num_shards: int, threads: int) -> int:
+    """How many shards a reader keeps open: all of them where the process may open that many files.
+
+    The soft limit on open files (often 1,024) is raised towards the hard one as far as the shards need; where
+    even the hard limit is lower, the reader keeps what it leaves free, minus a margin for everything else the
+    process opens (DALI, CUDA, sockets), and reopens shards as it goes.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else DESCRIPTOR_MARGIN
+    wanted = num_shards + in_use + DESCRIPTOR_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if raised > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    free = num_shards if soft == resource.RLIM_INFINITY else soft - in_use - DESCRIPTOR_MARGIN
+    return max(threads + 1, min(num_shards, free))  # every thread can hold one shard and open another
 
 
 class SampleReader:
-    """Reads the samples of a batch by number, each with one `os.preadv` straight into a row of one array."""
+    """Reads the samples of a batch by number, each with one `os.preadv` into its place in one buffer, up to
+    `threads` reads at a time (`os.preadv` releases the GIL: the reads wait for the storage together)."""
 
-    def __init__(self, table: SampleTable):
-        self.table = table
-        self._fds: dict[int, int] = {}
-        weakref.finalize(self, close_all, self._fds)
+    def __init__(self, table: SampleTable, threads: int = 1):
+        self.table, self.threads = table, max(1, threads)
+        self._shards = OpenShards(table.tars, shard_descriptor_limit(len(table.tars), self.threads))
+        weakref.finalize(self, self._shards.close_all)
+        self._pool = None
+        if self.threads > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="sample-reader")
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
 
-    def __getstate__(self):  # a worker process opens its own descriptors
-        return {"table": self.table}
+    def __getstate__(self):  # a worker process opens its own descriptors and starts its own threads
+        return {"table": self.table, "threads": self.threads}
 
     def __setstate__(self, state):
-        self.__init__(state["table"])
+        self.__init__(state["table"], state["threads"])
 
-    def read(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, jpeg sizes, labels, positions): row i holds sample i's JPEG in its first `size[i]` bytes.
+    def read(self, samples: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """(JPEGs, JPEG sizes, labels, positions) of the samples, in their order (see `submit`)."""
+        return self.submit(samples).result()
 
-        One array per batch rather than one per sample: handing a batch to DALI then costs the same for 64
-        samples as for one.
-        """
+    def submit(self, samples: np.ndarray) -> "PendingBatch":
+        """Start reading the samples; `.result()` waits for them. Each sample's span (.jpg to .pos) lies at its own
+        place in one buffer, without padding; its JPEG is handed on as a view of the buffer."""
         t = self.table
-        spans = t.span[samples]
-        rows = np.empty((len(samples), int(spans.max())), np.uint8)  # bytes past a row's span are never read
-        for row, shard, start, span in zip(rows, t.shard[samples].tolist(), t.start[samples].tolist(),
-                                           spans.tolist()):
-            self._read_into(row[:span], shard, start)
-        labels, positions = self._int32_at(rows, t.label_at[samples]), self._int32_at(rows, t.pos_at[samples])
-        return rows, t.jpeg_size[samples], labels, positions
+        spans = t.span[samples].astype(np.int64)
+        places = np.cumsum(spans) - spans
+        buffer = np.empty(int(spans.sum()), np.uint8)
+        reads = list(zip(t.shard[samples].tolist(), t.start[samples].tolist(), places.tolist(), spans.tolist()))
+        batch = PendingBatch(self.table, samples, buffer, places)
+        if self._pool is None:
+            self._read_all(memoryview(buffer), reads, itertools.count())
+        else:
+            taken = itertools.count()  # the threads take the reads in order: next() on it is atomic under the GIL
+            batch.tasks = [self._pool.submit(self._read_all, memoryview(buffer), reads, taken)
+                           for _ in range(min(self.threads, len(reads)))]
+        return batch
 
-    def _read_into(self, buffer: np.ndarray, shard: int, start: int) -> None:
-        """Fill `buffer` from byte `start` of the shard; a network filesystem may return fewer bytes per call."""
-        done = 0
-        while done < len(buffer):
-            got = os.preadv(self._fd(shard), [buffer[done:]], start + done)
-            if got == 0:
-                raise OSError(f"{self.table.tars[shard]}: ends before byte {start + len(buffer)}, where its index "
-                              "puts a sample")
-            done += got
+    def _read_all(self, buffer: memoryview, reads: list, taken) -> None:
+        while (k := next(taken)) < len(reads):
+            self._read_into(buffer, *reads[k])
 
-    def _fd(self, shard: int) -> int:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.table.tars[shard], os.O_RDONLY)
-        return fd
+    def _read_into(self, buffer: memoryview, shard: int, start: int, place: int, span: int) -> None:
+        """Bytes [start, start + span) of the shard into buffer[place:]; a network filesystem may return fewer
+        bytes per call than asked for."""
+        tar, done = self.table.tars[shard], 0
+        fd = self._shards.acquire(shard)
+        try:
+            while done < span:
+                try:
+                    got = os.preadv(fd, [buffer[place + done:place + span]], start + done)
+                except OSError as e:
+                    raise OSError(e.errno, f"{tar}: reading bytes {start}..{start + span} of this shard, where its "
+                                           f"index puts a sample: {e.strerror}") from None
+                if got == 0:
+                    raise OSError(errno.EIO, f"{tar}: ends before byte {start + span}, where its index puts a "
+                                             "sample (truncated? rebuild or re-copy it)")
+                done += got
+        finally:
+            self._shards.release(shard)
 
-    @staticmethod
-    def _int32_at(rows: np.ndarray, at: np.ndarray) -> np.ndarray:
-        """The little-endian int32 at byte `at[i]` of each row."""
-        raw = rows[np.arange(len(rows))[:, None], at[:, None] + np.arange(4)]
-        return np.ascontiguousarray(raw).view("<i4")[:, 0]
 
+class PendingBatch:
+    """A batch being read by a SampleReader."""
 
-def close_all(fds: dict[int, int]) -> None:
-    for fd in fds.values():
-        os.close(fd)
-    fds.clear()
+    def __init__(self, table: SampleTable, samples: np.ndarray, buffer: np.ndarray, places: np.ndarray):
+        self.table, self.samples, self.buffer, self.places = table, samples, buffer, places
+        self.tasks: list[concurrent.futures.Future] = []
+
+    def result(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """(JPEGs, JPEG sizes, labels, positions): JPEG i is a view of the buffer, `size[i]` bytes long."""
+        for task in self.tasks:
+            task.result()  # the first failed read raises here, naming its shard
+        t, samples = self.table, self.samples
+        sizes = np.asarray(t.jpeg_size[samples], np.int32)
+        jpegs = [self.buffer[place:place + size] for place, size in zip(self.places.tolist(), sizes.tolist())]
+        labels = self._int32_at(self.places + t.label_at[samples])
+        positions = self._int32_at(self.places + t.pos_at[samples])
+        return jpegs, sizes, labels, positions
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    def _int32_at(self, at: np.ndarray) -> np.ndarray:
+        """The little-endian int32 at byte `at[i]` of the buffer."""
+        return np.ascontiguousarray(self.buffer[at[:, None] + np.arange(4)]).view("<i4")[:, 0]
 
 
 def become_reader_worker() -> None:
@@ -207,19 +370,29 @@ class TrainSource:
 
     Endless: iteration i of the pipeline is global step `first_step + i` counted from epoch 0, so the pipeline
     never stops at an epoch's end (no drain and refill of DALI's queues); the loader counts the epochs.
-    Returns, one array per batch: JPEG rows and sizes, labels, positions, crop (x, y) anchors, mirror flags, and
-    `offset`: the per-channel value that crop_mirror_normalize subtracts (the RGB mean minus the lighting shift,
-    or minus the shift alone when the per-pixel mean image is subtracted before).
+    Each batch is an `augment.TrainInputs` (the samples read, and their augmentation drawn by `augment`), handed
+    to DALI as the tuple of its fields.
+
+    Reads: up to `reads_in_flight` samples at a time (threads), and, since every step's samples are known in
+    advance, the batches of the next `read_ahead` iterations are read while the current one is handed over. Neither
+    changes what a step holds: its samples and augmentation are functions of (seed, epoch, step) alone.
     """
 
-    def __init__(self, order: GlobalOrder, table: SampleTable, first_step: int, *, eigval: np.ndarray,
-                 eigvec: np.ndarray, rgb_mean: np.ndarray | None, keep_batches: int):
-        self.order, self.reader, self.first_step = order, SampleReader(table), first_step
-        self.lighting = (np.asarray(eigvec, np.float64) * np.asarray(eigval, np.float64)).T * 255  # alpha -> shift
-        self.rgb_mean = None if rgb_mean is None else np.asarray(rgb_mean, np.float32)
-        self._epoch, self._permutation = -1, None
+    def __init__(self, order: GlobalOrder, table: SampleTable, first_step: int, *, augment: Augment,
+                 keep_batches: int, reads_in_flight: int = 1, read_ahead: int = 0,
+                 substitutes: dict[int, int] | None = None):
+        self.order, self.reader, self.first_step = order, SampleReader(table, reads_in_flight), first_step
+        self.augment, self.read_ahead = augment, read_ahead
+        # Bad samples and what replaces each (pipeline/faults.py): applied where a step's samples are chosen.
+        self.substitutes = dict(substitutes or {})
+        self._bad = np.fromiter(self.substitutes, np.int64, len(self.substitutes))
+        self._permutations: dict[int, np.ndarray] = {}  # epoch -> its permutation: the current one (and the next)
+        self._reading: dict[int, PendingBatch] = {}  # iteration -> its batch being read
         # DALI reads a batch in place (no copy) until it has run the iterations it queues ahead: keep it alive.
         self._handed_over = collections.deque(maxlen=keep_batches)
+
+    def __getstate__(self):  # pickled for a reader worker: no batches, no threads
+        return {**self.__dict__, "_permutations": {}, "_reading": {}}
 
     def __setstate__(self, state):  # unpickled in a reader worker that DALI spawned
         self.__dict__.update(state)
@@ -227,16 +400,31 @@ class TrainSource:
             become_reader_worker()
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch, self._permutation = epoch, self.order.permutation(epoch)
-        return self._permutation[self.order.rank_part(step)]
+        """The sample numbers of this rank's part of global step `step` of `epoch`, bad ones replaced."""
+        permutation = self._permutations.get(epoch)
+        if permutation is None:  # int32: half the memory (every sample number fits), the same values
+            permutation = self._permutations[epoch] = self.order.permutation(epoch).astype(np.int32)
+        chosen = permutation[self.order.rank_part(step)]
+        if len(self._bad) and np.isin(chosen, self._bad).any():
+            chosen = np.array([self.substitutes.get(s, s) for s in chosen.tolist()], np.int32)
+        return chosen
 
-    def __call__(self, info):
-        epoch, step = divmod(self.first_step + info.iteration, self.order.steps_per_epoch)
-        rows, sizes, labels, positions = self.reader.read(self.samples(epoch, step))
-        aug = self.order.augmentation(epoch, step)
-        shift = (aug.alpha.astype(np.float64) @ self.lighting).astype(np.float32)
-        offset = -shift if self.rgb_mean is None else self.rgb_mean - shift
-        batch = rows, sizes[:, None], labels, positions, np.stack([aug.crop_x, aug.crop_y], 1), aug.mirror, offset
-        self._handed_over.append(batch)
-        return batch
+    def epoch_and_step(self, iteration: int) -> tuple[int, int]:
+        return divmod(self.first_step + iteration, self.order.steps_per_epoch)
+
+    def __call__(self, info) -> tuple:
+        return self.batch(info.iteration).outputs()
+
+    def batch(self, iteration: int) -> TrainInputs:
+        """The inputs of pipeline iteration `iteration`, kept alive until DALI is done with them."""
+        for stale in [i for i in self._reading if i < iteration]:  # not asked for (another pipeline's iteration)
+            self._reading.pop(stale).cancel()
+        for past in [e for e in self._permutations if e < self.epoch_and_step(iteration)[0]]:
+            del self._permutations[past]  # reading ahead reaches into the next epoch, never back
+        for ahead in range(iteration, iteration + 1 + self.read_ahead):
+            if ahead not in self._reading:
+                self._reading[ahead] = self.reader.submit(self.samples(*self.epoch_and_step(ahead)))
+        jpegs, _, labels, positions = self._reading.pop(iteration).result()
+        inputs = self.augment.inputs(self.order, *self.epoch_and_step(iteration), jpegs, labels, positions)
+        self._handed_over.append(inputs)
+        return inputs

@@ -2,9 +2,9 @@
 
 All three return `(images, labels, index)`: `index` is the sample's position in its split (its `.pos` member),
 which the loaders check and hand on to map results back to files.
-- `train` takes its samples from an external source (`order.TrainSource`): a fresh global permutation every
-  epoch, read sample by sample through the shard indexes, with each sample's crop, reflection and lighting
-  already drawn (in numpy, from (seed, epoch, step) alone). This pipeline decodes and applies them.
+- `train` takes its samples from an external source (`order.TrainSource`): the global order of order.py, read
+  sample by sample through the shard indexes, with each sample's crop, reflection and lighting already drawn
+  (augment.py, in numpy). This pipeline decodes them and applies the augmentation (`augment.apply`).
 - `center` and `ten_crop` read the shards in order with DALI's webdataset reader.
 
 Pixel values are 0-255 minus the training set's mean (per pixel, the paper's "mean activity", or per channel);
@@ -14,11 +14,12 @@ The same definitions run on a GPU (`device_id` = local rank; JPEG decoding `devi
 on the GPU) and without one (`device_id=None`, every operator on the CPU). Only the device differs: the GPU
 decoder is asked for libjpeg's "fancy" chroma upsampling so that both decode the same pixels up to rounding.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 
+from pipeline import augment
 from pipeline.data import CROP, SIZE
 
 READER = "reader"  # the evaluation reader's name, for the loaders' epoch accounting
@@ -26,10 +27,6 @@ TEN_CROP_ORDER = ("top-left", "top-right", "bottom-left", "bottom-right", "cente
 _CORNERS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))  # normalised (x, y), same order
 
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16}
-# What order.TrainSource returns per sample: JPEG bytes (padded), JPEG size, label, position, crop (x, y),
-# mirror, offset (RGB).
-SOURCE_TYPES = [types.UINT8, types.INT32, types.INT32, types.INT32, types.FLOAT, types.INT32, types.FLOAT]
-SOURCE_NDIM = [1, 1, 0, 0, 1, 0, 1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,20 +58,22 @@ def read_in_order(tars, indexes, *, shard_id, num_shards, storage):
     return jpegs, fn.reshape(labels, shape=[]), fn.reshape(index, shape=[])
 
 
-def read_source(source, reader_workers):
-    """The training samples of each step and their augmentation, from `source` (see order.TrainSource).
+def read_source(source, reader_workers) -> augment.TrainInputs:
+    """The training samples of each step and their augmentation, from `source` (see order.TrainSource): one DALI
+    input per field of `augment.TrainInputs`, typed by the field and returned under its name.
 
     With `reader_workers`, the source runs in that many of DALI's Python worker processes (the pipeline's
     `py_num_workers`), each preparing a batch ahead, instead of in the calling thread. Either way DALI reads the
     batch arrays without copying them.
     """
+    inputs = fields(augment.TrainInputs)
     # One batch is one task, and DALI keeps at most prefetch_queue_depth of them under way: at least one per worker.
     parallel = dict(parallel=True, prefetch_queue_depth=max(2, reader_workers)) if reader_workers else {}
-    rows, size, labels, index, crop, mirror, offset = fn.external_source(
-        source=source, num_outputs=len(SOURCE_TYPES), batch=True, batch_info=True, dtype=SOURCE_TYPES,
-        ndim=SOURCE_NDIM, no_copy=True, **parallel)
-    jpegs = fn.slice(rows, start=[0], shape=size, axes=[0])  # each row holds more than its JPEG: cut it to size
-    return jpegs, labels, index, crop[0], crop[1], mirror, offset
+    nodes = fn.external_source(
+        source=source, num_outputs=len(inputs), batch=True, batch_info=True, no_copy=True,
+        dtype=[types.to_dali_type(f.metadata["dtype"]) for f in inputs], ndim=[f.metadata["ndim"] for f in inputs],
+        **parallel)
+    return augment.TrainInputs(*nodes)
 
 
 # nvJPEG settings for the GPU path, chosen for 256x256 JPEGs:
@@ -143,7 +142,7 @@ def minus_mean(jpegs, processing, window=None):
 
 def patch(jpegs, processing, x, y, *, mirror=0, offset=None):
     """The 224x224 window at normalised (x, y), reflected if `mirror`, minus the mean; `offset` (per channel)
-    replaces what `minus_mean` leaves to subtract after it (the training source folds the lighting shift in)."""
+    replaces what `minus_mean` leaves to subtract after it (training's, with the lighting folded in: augment.py)."""
     whole = processing.mean == "pixel"  # the per-pixel mean needs the whole image; else decode only the window
     image, mean_offset = minus_mean(jpegs, processing, window=None if whole else (x, y))
     return to_output(image, processing, mirror=mirror, offset=mean_offset if offset is None else offset, crop=whole,
@@ -152,14 +151,10 @@ def patch(jpegs, processing, x, y, *, mirror=0, offset=None):
 
 @pipeline_def
 def train(source, processing, *, reader_workers=0):
-    """Random 224x224 crop (33x33 positions), reflection with p=0.5, mean subtraction, PCA lighting.
-
-    The source draws each sample's crop position, reflection and lighting; `offset` is the per-channel value
-    subtracted after the (per-pixel) mean: minus the lighting shift, or the RGB mean minus it.
-    """
-    jpegs, labels, index, x, y, mirror, offset = read_source(source, reader_workers)
-    images = patch(jpegs, processing, x, y, mirror=mirror, offset=offset)
-    return images, output_labels(labels, processing.gpu), index
+    """Random 224x224 crop (33x33 positions), reflection with p=0.5, mean subtraction, PCA lighting (augment.py)."""
+    inputs = read_source(source, reader_workers)
+    images = augment.apply(inputs, processing)
+    return images, output_labels(inputs.labels, processing.gpu), inputs.positions
 
 
 @pipeline_def

@@ -2,17 +2,19 @@
 # What scripts/gpu_check.sh installs on a GPU machine without internet whose python3 is CPython 3.12 with torch,
 # numpy, Pillow, SciPy, scikit-learn, tqdm, Matplotlib, pytest, PyYAML, packaging, six, typing-extensions and wheel
 # already there (docs/GPU.md). Only what that machine lacks travels:
-#   dali-common.tar.xz  DALI 2.4 (CUDA 13), nvImageCodec and nvJPEG as an installed tree (pip --target), trimmed to
-#                       what the pipelines load, without its CPython-version-specific extension modules
+#   dali-tree.NNN.xz    DALI 2.4 (CUDA 13), nvImageCodec and nvJPEG as an installed tree (pip --target), trimmed to
+#                       what the pipelines load, without its CPython-version-specific extension modules: one tar
+#                       cut into CHUNK_MIB pieces, each compressed alone, so that every call can decompress the
+#                       pieces it carries and the last one only joins and unpacks them (seconds)
 #   dali-cp312.tar.xz   those extension modules, for the one CPython version PY_TAG
 #   wheels/             the other missing dependencies of DALI and of this project, built for PY_TAG
-#   shards.tar          the training split of the 1000 real sample images at 256 px (one copy; the machine copies
-#                       it to make the validation split, then replicates both)
+#   shards.tar          the training split of the 1000 real sample images at 256 px in shards of SHARD_SIZE (one
+#                       copy; the machine copies it to make the validation split, then replicates both)
 # It is cut into parts of at most PART_MIB MiB, $PARTS/p1, p2, ..., one per call (each call carries 64 MiB with the
-# working tree). p1 holds everything but most of the DALI tree, so that the first call can already unpack the
-# shards and install the wheels; each part has a SHA256SUMS of its own files, and p1's PAYLOAD lists the parts.
+# working tree). p1 holds the shards, the wheels, the extension modules and the first pieces of the tree; each part
+# has a SHA256SUMS of its own files, and p1's PAYLOAD lists the parts, the pieces and the tree's checksum.
 # Intermediate results stay in .dev/gpu/cache, so that a rerun redoes only what changed: compressing the tree
-# takes about five minutes on two cores.
+# takes a few minutes on two cores.
 #
 #   scripts/make_gpu_payload.sh                                           # .dev/gpu/p1.. for the GPU machine
 #   PY_TAG=cp311 PARTS=.dev/gpu/rehearse/parts scripts/make_gpu_payload.sh  # the same for a local CPython 3.11
@@ -25,6 +27,10 @@ PARTS=${PARTS:-.dev/gpu}
 PART_MIB=${PART_MIB:-62}    # a call carries 64 MiB, the working tree (under 1 MiB) included
 REAL_IMAGES=${REAL_IMAGES:-../shared/data/imagenet-sample}
 CACHE=.dev/gpu/cache
+# Shards of 100 images: a copy of the split is 10 shards (50 copies, 500: full ImageNet has about 300 per split), and
+# a rehearsal can validate on one shard rather than the whole split.
+SHARD_SIZE=100
+CHUNK_MIB=8   # tree bytes per compressed piece: xz -6's whole dictionary, so cutting costs almost no ratio
 TRIM_RULES=1  # raise when trim() changes: the cached tree is rebuilt
 
 # Installed as a tree: the big ones. nvidia-libnvcomp is left out (DALI opens it only for its decompression
@@ -88,12 +94,17 @@ if ! fresh "$CACHE/site" "$tree_key"; then
     trim "$CACHE/site"
     stamp "$CACHE/site" "$tree_key"
 fi
-if ! fresh "$CACHE/dali-common.tar.xz" "$tree_key"; then
-    say "compressing the tree without its extension modules (minutes)"
+chunks="$CACHE/tree-chunks"
+if ! fresh "$chunks" "$tree_key $CHUNK_MIB"; then
+    say "the tree without its extension modules, in compressed pieces of $CHUNK_MIB MiB (minutes)"
+    rm -rf "$chunks" && mkdir -p "$chunks"
     tar -C "$CACHE/site" --sort=name --owner=0 --group=0 --numeric-owner \
-        --exclude='*.cpython-*-x86_64-linux-gnu.so' -cf - . | xz -T2 -6 >"$CACHE/dali-common.tar.xz.tmp"
-    mv "$CACHE/dali-common.tar.xz.tmp" "$CACHE/dali-common.tar.xz"
-    stamp "$CACHE/dali-common.tar.xz" "$tree_key"
+        --exclude='*.cpython-*-x86_64-linux-gnu.so' -cf "$CACHE/tree.tar" .
+    sha256sum "$CACHE/tree.tar" | cut -d' ' -f1 >"$chunks/TREE_SHA256"
+    split -a 3 -d -b "${CHUNK_MIB}M" "$CACHE/tree.tar" "$chunks/dali-tree."
+    rm "$CACHE/tree.tar"
+    find "$chunks" -name 'dali-tree.[0-9][0-9][0-9]' -print0 | xargs -0 -n 1 -P 2 xz -6
+    stamp "$chunks" "$tree_key $CHUNK_MIB"
 fi
 tagged="$CACHE/dali-$PY_TAG.tar.xz"
 if ! fresh "$tagged" "$tree_key"; then
@@ -111,13 +122,13 @@ if ! fresh "$wheels" "${wheel_pins[*]}"; then
     stamp "$wheels" "${wheel_pins[*]}"
 fi
 
-say "the real-image shards (train split, 1000 images)"
+say "the real-image shards (train split, 1000 images in shards of $SHARD_SIZE)"
 shards="$CACHE/shards"
-if ! [ -f "$CACHE/shards.tar" ]; then
+if ! fresh "$CACHE/shards.tar" "shard_size $SHARD_SIZE"; then
     [ -d "$REAL_IMAGES" ] || { echo "no $REAL_IMAGES: the 1000 real JPEGs are needed once, here" >&2; exit 1; }
-    rm -rf "$shards" "$CACHE/payload-shards"
+    rm -rf "$shards" "$CACHE/payload-shards" "$CACHE/raw-links"
     "$PY" -m bench.folders --images="$REAL_IMAGES" --out="$CACHE/raw-links"
-    "$PY" -m shards build --raw="$CACHE/raw-links" --out="$shards"
+    "$PY" -m shards build --raw="$CACHE/raw-links" --out="$shards" --shard_size="$SHARD_SIZE"
     # val holds the same 1000 images as train. Only train travels: val becomes a copy of it there (other order,
     # same images), listed in COPIES; the manifest's val entry says so already.
     mkdir -p "$CACHE/payload-shards/train"
@@ -141,6 +152,7 @@ manifest["params"]["note"] = "val is a copy of train"
 EOF
     tar -C "$CACHE/payload-shards" --sort=name --owner=0 --group=0 --numeric-owner -cf "$CACHE/shards.tar.tmp" .
     mv "$CACHE/shards.tar.tmp" "$CACHE/shards.tar"
+    stamp "$CACHE/shards.tar" "shard_size $SHARD_SIZE"
 fi
 
 say "parts of at most $PART_MIB MiB in $PARTS"
@@ -149,22 +161,23 @@ mkdir -p "$PARTS/p1/wheels"
 cp "$CACHE/shards.tar" "$tagged" "$PARTS/p1/"
 cp "$wheels"/*.whl "$PARTS/p1/wheels/"
 cap=$((PART_MIB * 1024 * 1024 - 65536))  # room for SHA256SUMS and PAYLOAD
-common="$CACHE/dali-common.tar.xz"
-total=$(stat -c %s "$common")
-room=$((cap - $(du -cb "$PARTS/p1" | tail -1 | cut -f1)))
-offset=0 part=1 piece=0
-while [ "$offset" -lt "$total" ]; do
-    size=$((total - offset < room ? total - offset : room))
+# The pieces in order, each into the current part while it fits, else into the next.
+part=1 used=$(du -cb "$PARTS/p1" | tail -1 | cut -f1)
+for piece in "$chunks"/dali-tree.*.xz; do
+    size=$(stat -c %s "$piece")
+    if [ $((used + size)) -gt "$cap" ]; then
+        part=$((part + 1)) used=0
+    fi
     mkdir -p "$PARTS/p$part"
-    dd if="$common" of="$PARTS/p$part/dali-common.tar.xz.$(printf %02d "$piece")" bs=1M iflag=skip_bytes,count_bytes \
-        skip="$offset" count="$size" status=none
-    offset=$((offset + size)) part=$((part + 1)) piece=$((piece + 1)) room=$cap
+    cp "$piece" "$PARTS/p$part/"
+    used=$((used + size))
 done
-parts=$((part - 1))
+parts=$part
 {
     echo "tag $PY_TAG"
     echo "parts $parts"
-    echo "common_sha256 $(sha256sum "$common" | cut -d' ' -f1)"
+    echo "pieces $(find "$chunks" -name 'dali-tree.*.xz' | wc -l)"
+    echo "tree_sha256 $(cat "$chunks/TREE_SHA256")"
     echo "built $(date -u +%FT%TZ) from $(git rev-parse --short HEAD) by $(hostname)"
 } >"$PARTS/p1/PAYLOAD"
 for i in $(seq 1 "$parts"); do

@@ -6,6 +6,7 @@
     python -m shards verify --data=<DATA>                   # re-read every shard against the manifest
     python -m shards stage  --data=<DATA> --to=<local dir>  # copy shards to node-local disk, verified
     python -m shards replicate --data=<DATA> --out=<dir> --copies=20   # benchmark data: every split copied
+    python -m shards synthetic --out=<dir>                  # benchmark data of ImageNet's size (1.28 M, 1,024 shards)
 
 Each command takes --help.
 """
@@ -16,10 +17,11 @@ from shards.build import build_main, merge_main
 from shards.replicate import replicate_main
 from shards.sample import sample_main
 from shards.stage import stage_main
+from shards.synthetic import synthetic_main
 from shards.verify import verify_main
 
 COMMANDS = {"sample": sample_main, "build": build_main, "merge": merge_main, "verify": verify_main,
-            "stage": stage_main, "replicate": replicate_main}
+            "stage": stage_main, "replicate": replicate_main, "synthetic": synthetic_main}
 
 
 def main(argv: list[str]) -> None:

@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from config import parse_config
+from progress import DEFAULT_INTERVAL_S, progress_bar
 from runtime import UsageError, atomic_path, available_cpus, limit_threads, run_main, usage_errors, write_atomically
-from shards import MANIFEST, STATS, image, layouts, tario
+from shardformat import FORMAT_VERSION, MANIFEST, STATS, index_path, shard_file
+from shards import image, layouts, tario
 
-FORMAT_VERSION = 2  # 2: the sample position member is `.pos` (was `.index`)
 CHUNK = 32  # inputs per worker job: large enough to amortise the IPC, small enough to balance the load
 BUILD_DIR = ".build"  # under DATA: the plan and the per-shard results that `merge` combines
 SUMS = ("sum_image", "pixel_outer", "num_images")  # the exact statistics sums kept per shard in BUILD_DIR
@@ -46,6 +47,7 @@ class BuildConfig:
     workers: int = 0  # processes; 0 = every core this process may use
     task_index: int = 0  # this task's number in a job array, 0..num_tasks-1 (SLURM_ARRAY_TASK_ID)
     num_tasks: int = 1  # tasks in the job array; with 1 the build also merges
+    progress_interval: float = DEFAULT_INTERVAL_S  # seconds between progress lines when the output is not a terminal
 
 
 @dataclasses.dataclass
@@ -65,7 +67,7 @@ class Shard:
 
     @property
     def file(self) -> str:
-        return f"{self.split}/{self.name}.tar"
+        return shard_file(self.split, self.number)
 
 
 # --- plan ----------------------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ def partial_paths(out: Path, shard: Shard) -> tuple[Path, Path]:
 def is_complete(out: Path, shard: Shard) -> bool:
     """The tar is renamed last, so its presence with the others means the shard was finished."""
     tar = out / shard.file
-    return tar.exists() and tar.with_suffix(".idx").exists() and partial_paths(out, shard)[0].exists()
+    return tar.exists() and index_path(tar).exists() and partial_paths(out, shard)[0].exists()
 
 
 def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dict:
@@ -216,13 +218,11 @@ def write_shard(out: Path, shard: Shard, results: list, with_stats: bool) -> dic
                      **{k: sum(r[4][k] for r in results) for k in SUMS[1:]}}
             atomic_savez(npz_path, **total)
         write_atomically(json_path, json.dumps(result, indent=1).encode())
-        write_atomically(tar.with_suffix(".idx"), index.encode())
+        write_atomically(index_path(tar), index.encode())
     return result
 
 
 def run_shards(out: Path, shards: list[Shard], cfg: BuildConfig, workers: int) -> list[dict]:
-    from tqdm import tqdm
-
     jobs, counts = [], {}
     for shard in shards:
         with_stats = shard.split == "train"
@@ -234,11 +234,9 @@ def run_shards(out: Path, shards: list[Shard], cfg: BuildConfig, workers: int) -
     # One BLAS thread per worker: the statistics' dot products would otherwise start a pool per worker (9x slower).
     pool = multiprocessing.Pool(workers, limit_threads, (1,)) if workers > 1 and len(jobs) > 1 else None
     results, done = {}, []
-    tty = sys.stderr.isatty()
     try:
         stream = pool.imap(convert_chunk, jobs) if pool else map(convert_chunk, jobs)
-        with tqdm(total=total, unit="img", desc="shards", mininterval=0.5 if tty else 30, disable=total == 0,
-                  smoothing=0.05) as bar:
+        with progress_bar(total, "shards", unit="img", enabled=total > 0, interval_s=cfg.progress_interval) as bar:
             for r in stream:
                 results.setdefault(r[0], []).append(r)
                 bar.update(len(r[1]) + len(r[2]))

@@ -19,7 +19,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SIZE = 256  # output side in pixels
+from shardformat import SIZE
+
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 # ImageNet's largest images are far below this; a file claiming more is rejected rather than decoded.

@@ -313,11 +313,6 @@ def read_meta(data: bytes) -> tuple[dict[int, str], dict[str, str]]:
     return ids, names
 
 
-def ground_truth_labels(text: str, id_to_wnid: dict[int, str], index: dict[str, int]) -> list[int]:
-    """Devkit ground truth (one ILSVRC20xx_ID per line, image 1 first) -> class indices."""
-    return [index[id_to_wnid[int(line)]] for line in text.split()]
-
-
 def image_number(key: str) -> int | None:
     match = re.search(r"(\d+)$", key)
     return int(match.group(1)) if match else None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from config import parse_config
 from runtime import UsageError, run_main, shard_path, usage_errors, write_atomically
-from shards import MANIFEST, STATS
+from shardformat import MANIFEST, STATS, index_path, read_manifest, shard_file
 
 
 @dataclasses.dataclass
@@ -25,7 +25,7 @@ class ReplicateConfig:
 
 
 def replicate(data: Path, out: Path, copies: int) -> dict:
-    manifest = json.loads((data / MANIFEST).read_text())
+    manifest = read_manifest(data)
     if manifest.get("params", {}).get("replicated", 1) != 1:
         raise ValueError(f"{data} is already replicated: replicate the original shards")
     out.mkdir(parents=True, exist_ok=True)
@@ -34,11 +34,10 @@ def replicate(data: Path, out: Path, copies: int) -> dict:
         split["shards"] = []
         for copy in range(copies):
             for n, (shard, source) in enumerate(originals):
-                file = f"{name}/{name}-{copy * len(originals) + n:06d}.tar"
-                for suffix in (".tar", ".idx"):
-                    target = out / Path(file).with_suffix(suffix)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(source.with_suffix(suffix), target)
+                file = shard_file(name, copy * len(originals) + n)
+                (out / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, out / file)
+                shutil.copyfile(index_path(source), index_path(out / file))
                 split["shards"].append({**shard, "file": file})
         for count in ("num_samples", "num_inputs", "num_rejected"):
             if count in split:
@@ -54,13 +53,11 @@ def replicate_main(argv: list[str]) -> None:
     data, out = Path(cfg.data), Path(cfg.out)
     if not cfg.data or not cfg.out:
         raise UsageError("both --data=<shard dir> and --out=<new dir> are required")
-    if not (data / MANIFEST).is_file():
-        raise UsageError(f"{data}: no {MANIFEST} (a directory written by `python -m shards build`)")
     if cfg.copies < 1:
         raise UsageError(f"--copies={cfg.copies}: must be at least 1")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out={out} is not empty")
-    with usage_errors():  # already replicated, or a shard path outside DATA
+    with usage_errors():  # no manifest, already replicated, or a shard path outside DATA
         manifest = replicate(data, out, cfg.copies)
     sizes = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"{out}: {cfg.copies} copies of {data}: {sizes} samples (benchmarking only)", file=sys.stderr)

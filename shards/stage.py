@@ -11,21 +11,18 @@ Another job may be training from the destination while this one stages into it: 
 deleted or rewritten in place (files are replaced by rename, the manifest too), and a destination whose manifest
 differs from DATA's (another shard set, perhaps in use) is refused rather than overwritten.
 """
-import json
 import os
 import shutil
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from config import parse_config
+from progress import DEFAULT_INTERVAL_S, progress_bar
 from runtime import UsageError, run_main, shard_path, usage_errors
-from shards import MANIFEST, STATS
+from shardformat import MANIFEST, STATS, index_path, read_manifest
 from shards.verify import verify_shard
 
 GB = 1e9
@@ -37,16 +34,7 @@ class StageConfig:
     to: str = ""  # destination on node-local disk; created if absent
     splits: str = ""  # comma-separated splits to copy (e.g. val for an evaluation job); empty: every split
     workers: int = 8  # files copied and checked at once (parallel streams help on Lustre/GPFS)
-
-
-def load_manifest(data: Path) -> dict:
-    path = data / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{data} is not a shard directory: no {MANIFEST} (run `make shards` first)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    progress_interval: float = DEFAULT_INTERVAL_S  # seconds between progress lines when the output is not a terminal
 
 
 def shard_entries(manifest: dict, splits: str, data: Path) -> list[dict]:
@@ -64,7 +52,7 @@ def shard_entries(manifest: dict, splits: str, data: Path) -> list[dict]:
 def shard_bytes(entry: dict, data: Path) -> int:
     """Size of a shard and its index in `data`; a FileNotFoundError when either is missing."""
     size = 0
-    for src in (data / entry["file"], (data / entry["file"]).with_suffix(".idx")):
+    for src in (data / entry["file"], index_path(data / entry["file"])):
         if not src.is_file():
             raise FileNotFoundError(f"{src} is listed in the manifest but missing: the shard directory is incomplete")
         size += src.stat().st_size
@@ -111,7 +99,7 @@ def stage_shard(entry: dict, data: Path, to: Path) -> tuple[int, bool]:
     if is_staged(entry, data, to):
         return shard_bytes(entry, data), False
     tar = Path(entry["file"])
-    idx = tar.with_suffix(".idx")
+    idx = index_path(tar)
     tmp = partial_dir(to)
     (tmp / tar).parent.mkdir(parents=True, exist_ok=True)
     (to / tar).parent.mkdir(parents=True, exist_ok=True)
@@ -142,12 +130,13 @@ def check_space(entries: list[dict], data: Path, to: Path) -> None:
         raise ValueError(f"{to} has {free / GB:.1f} GB free, staging needs {needed / GB:.1f} GB more")
 
 
-def copy_shards(entries: list[dict], data: Path, to: Path, workers: int, total: int) -> tuple[int, int]:
+def copy_shards(entries: list[dict], data: Path, to: Path, workers: int, total: int,
+                progress_interval: float = DEFAULT_INTERVAL_S) -> tuple[int, int]:
     """Stage every shard (`total` bytes), then stats.npz, then the manifest; returns (shards copied, bytes copied)."""
     copied_files = copied_bytes = 0
     pool = ThreadPoolExecutor(workers)
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"stage {to}", file=sys.stderr) as bar:
+        with progress_bar(total, f"stage {to}", unit="B", unit_scale=True, interval_s=progress_interval) as bar:
             for size, copied in pool.map(lambda e: stage_shard(e, data, to), entries):
                 copied_files += copied
                 copied_bytes += size if copied else 0
@@ -169,7 +158,7 @@ def stage_main(argv: list[str]) -> None:
         raise UsageError(f"--workers={cfg.workers}: expected at least 1")
     data, to = Path(cfg.data), Path(cfg.to)
     with usage_errors():
-        manifest = load_manifest(data)
+        manifest = read_manifest(data)
         if not (data / STATS).is_file():
             raise UsageError(f"{data} is not a complete shard directory: no {STATS}")
         to.mkdir(parents=True, exist_ok=True)
@@ -181,7 +170,7 @@ def stage_main(argv: list[str]) -> None:
         start = time.perf_counter()
         total = sum(shard_bytes(e, data) for e in entries)
         # Copying stays inside: a source shard found altered, or a full disk, is a one-line error too.
-        copied_files, copied_bytes = copy_shards(entries, data, to, cfg.workers, total)
+        copied_files, copied_bytes = copy_shards(entries, data, to, cfg.workers, total, cfg.progress_interval)
     seconds = time.perf_counter() - start
     print(f"staged {len(entries)} shards ({total / GB:.2f} GB) to {to} in {seconds:.0f} s: "
           f"{copied_files} copied ({copied_bytes / GB / max(seconds, 1e-9):.2f} GB/s), "

@@ -8,9 +8,10 @@ appends them.
 import hashlib
 import tarfile
 
+from shardformat import INDEX_VERSION
+
 BLOCK = tarfile.BLOCKSIZE  # 512 bytes
 RECORD = tarfile.RECORDSIZE  # tar files are padded to a multiple of this, as GNU tar and Python's tarfile do
-INDEX_VERSION = "v1.2"  # first token of a wds2idx index file
 
 
 def member_header(name: str, size: int) -> bytes:

@@ -41,6 +41,19 @@ stage_dir() {
     fi
 }
 
+# The GPUs Slurm allocated on this node (0: none): SLURM_GPUS_ON_NODE, or the ids in SLURM_JOB_GPUS.
+slurm_gpus() {
+    if [[ -n ${SLURM_GPUS_ON_NODE:-} ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    elif [[ -n ${SLURM_JOB_GPUS:-} ]]; then
+        local ids
+        IFS=, read -r -a ids <<< "$SLURM_JOB_GPUS"
+        echo "${#ids[@]}"
+    else
+        echo 0
+    fi
+}
+
 # Stop with a one-line error unless each named variable is set.
 require() {
     local name

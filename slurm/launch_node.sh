@@ -6,7 +6,8 @@
 # script's warning before the time limit. torchrun ignores both (see slurm/torchrun_status.py); the workers stop
 # at their next log interval, save a checkpoint and exit 75. This script passes both signals to the workers too,
 # which is all that reaches them where Slurm signals a process group rather than the step's cgroup (torchrun
-# starts each worker in a session of its own). Exit status: torchrun's, with 75 for "stopped early".
+# starts each worker in a session of its own). Exit status: torchrun's, with 75 for "stopped early" and 65 for "a
+# bad sample".
 set -euo pipefail
 
 # Both signals ignored from the start: Python takes seconds to start and import torch, and either would end it.

@@ -10,7 +10,8 @@ slurm/launch_node.sh runs it on every node; the arguments are torchrun's. Two th
     checkpoint takes seconds to write, and Slurm's grace time is the only limit.
   - A worker's non-zero exit status becomes torchrun's status 1. train.py exits 75 when it stopped early with its
     checkpoint saved (every rank waits for rank 0's save before exiting), so one worker's 75 is passed on as 75:
-    the job script requeues on it and on nothing else.
+    the job script requeues on it and on nothing else. A worker's 65 (a bad sample stopped the run; the other
+    ranks then fail on the lost connection) is passed on as 65, so that the job's status says why it ended.
 
 torchrun (the console script on PATH) runs in this process, not as a child, so that the ChildFailedError it raises,
 which holds every worker's exit status, can be read.
@@ -23,6 +24,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 EXIT_STOPPED_EARLY = 75  # train.py's EXIT_STOPPED_EARLY: checkpoint saved, rerun to resume
+EXIT_BAD_SAMPLE = 65  # train.py's EXIT_BAD_SAMPLE: a JPEG that does not decode, named by the rank that met it
 HANDLED_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"  # torchrun's default set less SIGTERM
 
 
@@ -38,8 +40,10 @@ def main(argv: list[str]) -> None:
     try:
         runpy.run_path(torchrun, run_name="__main__")
     except ChildFailedError as e:
-        if any(failure.exitcode == EXIT_STOPPED_EARLY for failure in e.failures.values()):
-            sys.exit(EXIT_STOPPED_EARLY)
+        statuses = {failure.exitcode for failure in e.failures.values()}
+        for passed_on in (EXIT_STOPPED_EARLY, EXIT_BAD_SAMPLE):
+            if passed_on in statuses:
+                sys.exit(passed_on)
         raise
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.build import BUILD_DIR, FORMAT_VERSION, BuildConfig
-from shards.image import SIZE
+from shardformat import FORMAT_VERSION, SIZE
+from shards.build import BUILD_DIR, BuildConfig
 from tests.conftest import REPO
 
 

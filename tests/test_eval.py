@@ -205,3 +205,16 @@ def test_a_rejected_input_leaves_a_gap_that_evaluation_handles(tmp_path):
     assert json.loads((tmp_path / "eval-val.json").read_text())["n"] == 4
     keys = sorted(p["key"] for p in json.loads((tmp_path / "predictions-val.json").read_text()))
     assert keys == [f"val_{i:06d}" for i in range(1, 5)]
+
+
+def test_each_crop_pass_shows_its_progress_in_images(tmp_path, seven_images):
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint(checkpoint, num_classes=3)
+    result = run_eval(f"--data={seven_images}", f"--checkpoint={checkpoint}", "--batch_size=3",
+                      "--progress_interval", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr  # not a terminal: plain lines
+    for crops in ("ten", "center"):
+        lines = [" ".join(line.split("[")[0].split()) for line in result.stderr.splitlines()
+                 if line.startswith(f"{crops}-crop val:")]
+        assert lines == [f"{crops}-crop val: 43% 3/7", f"{crops}-crop val: 86% 6/7", f"{crops}-crop val: 100% 7/7"]

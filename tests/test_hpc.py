@@ -1,5 +1,9 @@
-"""The cluster path on one machine: slurm/ job scripts run with Slurm's environment and stand-ins for sbatch, srun,
-scontrol, scancel and torchrun (tests/stubs/, each records its arguments), node-local staging, the offline install."""
+"""The cluster path without a cluster: slurm/ job scripts run with Slurm's environment and stand-ins for sbatch, srun,
+scontrol, scancel and torchrun (tests/stubs/, each records its arguments), node-local staging, the offline install.
+
+tests/test_slurm_cluster.py runs the same scripts on a real one-node Slurm (array and merge, time limit, requeue,
+scancel, preemption, evaluation). The `test_stub_slurm_*` tests here check what one node without GPUs cannot show:
+the exact launch arguments, several nodes and their rendezvous, GPUs, two training ranks under one torchrun."""
 import contextlib
 import json
 import os
@@ -322,7 +326,7 @@ def test_stage_usage_errors(built, tmp_path, args, message):
 SHIELD = "--signals_to_handle=SIGINT,SIGHUP,SIGQUIT"  # slurm/torchrun_status.py: torchrun leaves SIGTERM alone
 
 
-def test_train_one_node_runs_torchrun_standalone_through_srun(tmp_path):
+def test_stub_slurm_one_node_with_gpus_runs_torchrun_standalone_through_srun(tmp_path):
     env = slurm_env(tmp_path, DATA="/scratch/shards", RUN=str(tmp_path / "run"), SLURM_JOB_ID="4242",
                     SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="gpu017", SLURM_GPUS_ON_NODE="4",
                     SLURM_CPUS_PER_TASK="16", TRAIN_ARGS="--epochs=90 --batch_size=256")
@@ -334,12 +338,12 @@ def test_train_one_node_runs_torchrun_standalone_through_srun(tmp_path):
     (torchrun,) = calls(tmp_path, "torchrun")
     assert torchrun["args"] == [SHIELD, "--standalone", "--nnodes=1", "--nproc_per_node=4", "--", "train.py",
                                 "--data=/scratch/shards", f"--run={tmp_path / 'run'}", "--storage=network",
-                                "--epochs=90", "--batch_size=256"]
+                                "--device=cuda", "--epochs=90", "--batch_size=256"]
     assert srun["args"][6:] == torchrun["args"][1:]
     assert not calls(tmp_path, "scontrol"), "one node needs no host list"
 
 
-def test_train_several_nodes_rendezvous_on_the_first(tmp_path):
+def test_stub_slurm_several_nodes_rendezvous_on_the_first(tmp_path):
     env = slurm_env(tmp_path, DATA="/scratch/shards", RUN="/scratch/run", SLURM_JOB_ID="4242",
                     SLURM_JOB_NUM_NODES="3", SLURM_JOB_NODELIST="gpu[017-018,020]", SLURM_CPUS_PER_TASK="32",
                     CUDA_VISIBLE_DEVICES="0,1")
@@ -355,7 +359,7 @@ def test_train_several_nodes_rendezvous_on_the_first(tmp_path):
     assert calls(tmp_path, "scontrol")[0]["args"] == ["show", "hostnames", "gpu[017-018,020]"]
 
 
-def test_train_stages_to_local_disk_on_every_node(built, tmp_path):
+def test_stub_slurm_several_nodes_each_stage_to_local_disk(built, tmp_path):
     local = tmp_path / "local"
     env = slurm_env(tmp_path, DATA=str(built["single"]), RUN="/scratch/run", STAGE_TO=str(local),
                     SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="n[1-2]")
@@ -369,21 +373,41 @@ def test_train_stages_to_local_disk_on_every_node(built, tmp_path):
     assert f"--data={local}" in torchrun["args"] and "--storage=local" in torchrun["args"]
 
 
-def test_stage_to_job_is_a_directory_of_the_job_named_on_the_node(built, tmp_path):
+def test_stub_slurm_stage_to_job_is_a_directory_of_the_job_named_on_the_node(built, tmp_path):
     """STAGE_TO=job: under the job's TMPDIR as the compute node sets it, so no other job stages into it."""
     node_tmp = tmp_path / "node-tmp"
     node_tmp.mkdir()
     env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(tmp_path / "run"), STAGE_TO="job",
                     TMPDIR=str(node_tmp), SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="n1")
-    run_script("train.sbatch", env)
+    result = run_script("train.sbatch", env)
     local = node_tmp / "alexnet-shards-77"
-    assert shard_files(local) == shard_files(built["single"])
+    assert f"--to={local}" in calls(tmp_path, "srun")[0]["args"]
     (torchrun,) = calls(tmp_path, "torchrun")
     assert f"--data={local}" in torchrun["args"]
-    # The evaluation job stages the val shards into its own directory (and then finds no checkpoint to evaluate).
-    subprocess.run(["bash", str(SLURM / "eval.sbatch")], env={**env, "SLURM_JOB_ID": "78",
-                   "SLURM_TMPDIR": str(node_tmp / "slurm")}, cwd=REPO, capture_output=True)
-    assert {Path(name).parts[0] for name in shard_files(node_tmp / "slurm" / "alexnet-shards-78")} == {"val"}
+    assert f"rm -rf -- {local}" in result.stderr and not local.exists(), "the run finished: the job's copy goes"
+    # The evaluation job stages the val shards into its own directory (then finds no checkpoint to evaluate, fails,
+    # and removes its copy).
+    evaluation = subprocess.run(["bash", str(SLURM / "eval.sbatch")], env={**env, "SLURM_JOB_ID": "78",
+                                "SLURM_TMPDIR": str(node_tmp / "slurm")}, cwd=REPO, capture_output=True, text=True)
+    local = node_tmp / "slurm" / "alexnet-shards-78"
+    assert f"--to={local} --splits=val" in evaluation.stderr and "2 copied" in evaluation.stdout
+    assert evaluation.returncode != 0 and not local.exists()
+
+
+@pytest.mark.parametrize("gpus, train_args, expected", [
+    ({}, "", []),  # no GPU allocated: train.py chooses (the CPU here)
+    ({"SLURM_GPUS_ON_NODE": "0"}, "", []),
+    ({"SLURM_JOB_GPUS": "2,3"}, "", ["--device=cuda"]),
+    ({"SLURM_GPUS_ON_NODE": "8"}, "--device=cpu", ["--device=cuda", "--device=cpu"]),  # the later option wins
+])
+def test_stub_slurm_trains_on_the_gpus_slurm_allocated_or_fails(tmp_path, gpus, train_args, expected):
+    """With GPUs allocated, train.py gets --device=cuda: a job whose GPUs are not visible to torch fails at once
+    instead of training on the CPU; the user's TRAIN_ARGS come after it and win."""
+    env = slurm_env(tmp_path, DATA="/scratch/shards", RUN="/scratch/run", SLURM_JOB_ID="5", SLURM_JOB_NUM_NODES="1",
+                    SLURM_JOB_NODELIST="n1", NPROC_PER_NODE="1", TRAIN_ARGS=train_args, **gpus)
+    run_script("train.sbatch", env)
+    (torchrun,) = calls(tmp_path, "torchrun")
+    assert [a for a in torchrun["args"] if a.startswith("--device")] == expected
 
 
 # --- training: stop signals -> checkpoint -> requeue -----------------------------------------------------------------
@@ -464,7 +488,7 @@ def fake_training_job(tmp: Path, **env: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("exit_on_stop, job_status, requeued", [(75, 75, True), (0, 0, False), (3, 1, False)])
-def test_usr1_near_the_time_limit_requeues_a_run_that_stopped_early_only(tmp_path, exit_on_stop, job_status, requeued):
+def test_stub_slurm_two_ranks_usr1_near_the_limit_requeues_on_75_only(tmp_path, exit_on_stop, job_status, requeued):
     """The job script passes SIGUSR1 to srun (here: launch_node.sh itself), launch_node.sh to the trainers, through a
     real torchrun. 75 (stopped, checkpoint saved) requeues; 0 (the run finished: the signal came after its last
     check) and a failure (torchrun reports it as 1) do not."""
@@ -485,7 +509,7 @@ def test_usr1_near_the_time_limit_requeues_a_run_that_stopped_early_only(tmp_pat
 
 
 @pytest.mark.slow
-def test_preemption_sigterm_to_the_job_step_leaves_the_trainer_time_to_save(tmp_path):
+def test_stub_slurm_two_ranks_sigterm_to_the_job_step_leave_the_trainer_time_to_save(tmp_path):
     """Preemption: Slurm sends SIGTERM to every process of the job step, not to the job script. Passed on by
     torchrun, it would be followed by SIGKILL after torchrun's shutdown timeout (1 s here, 30 s by default); torchrun
     ignores it, so the trainers' 4 s save completes. The job ends with 75 and leaves the requeue to Slurm."""
@@ -503,30 +527,6 @@ def test_preemption_sigterm_to_the_job_step_leaves_the_trainer_time_to_save(tmp_
     assert (run / "saved").read_text() == "SIGTERM", output
     assert not calls(tmp_path, "scontrol"), output
     assert "training stopped early (SIGTERM" in output
-
-
-@pytest.mark.slow
-def test_usr1_checkpoints_and_requeues_then_eval(built, tmp_path):
-    """train.py itself, with the demo preset: SIGUSR1 to the job script -> checkpoint -> status 75 -> requeue."""
-    run, log = tmp_path / "run", tmp_path / "job.out"
-    env = slurm_env(tmp_path, DATA=str(built["single"]), RUN=str(run), SLURM_JOB_ID="4242",
-                    SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", NPROC_PER_NODE="1",
-                    TRAIN_ARGS="--preset=demo --epochs=1000 --num_threads=1", VENV=str(real_torchrun(tmp_path)))
-    with running_job("train.sbatch", env, log) as job:
-        # train.py installs its handler right after writing config.json; a signal before that would be lost.
-        wait_for(lambda: (run / "config.json").exists(), 240, "RUN/config.json", job, log)
-        time.sleep(5)
-        job.send_signal(signal.SIGUSR1)
-        job.wait(timeout=240)
-    output = log.read_text()
-    assert job.returncode == 75, output
-    assert "preempted:" in output, output
-    assert (run / "checkpoint.pt").is_file()
-    assert [c["args"] for c in calls(tmp_path, "scontrol")] == [["requeue", "4242"]], output
-
-    # The evaluation job takes that checkpoint as it is.
-    result = run_script("eval.sbatch", {**env, "SLURM_JOB_ID": "4243", "EVAL_ARGS": "--num_threads=1"})
-    assert "eval.py" in result.stderr and (run / "eval-val.json").is_file()
 
 
 # --- offline install -----------------------------------------------------------------------------------------------

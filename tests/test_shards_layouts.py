@@ -130,12 +130,17 @@ def test_ilsvrc2012_real_images_and_devkit_labels(tmp_path, imagenet_sample_dir,
     assert np.allclose(manifest["stats"]["rgb_mean"], [124, 116, 104], atol=8)
 
 
+def ground_truth_labels(text: str, id_to_wnid: dict[int, str], index: dict[str, int]) -> list[int]:
+    """Devkit ground truth (one ILSVRC20xx_ID per line, image 1 first) -> class indices, as `layouts` labels val."""
+    return [index[id_to_wnid[int(line)]] for line in text.split()]
+
+
 def test_ilsvrc2012_devkit_ground_truth_maps_to_caffe_labels(imagenet_meta_dir):
     """All 50,000 val labels: devkit ground truth -> ILSVRC2012_ID -> WNID -> sorted position == Caffe's val.txt."""
     id_to_wnid = {i: w for i, w in mapping_2012(imagenet_meta_dir) if i <= 1000}
     index = {w: i for i, w in enumerate(sorted(id_to_wnid.values()))}
     gt = (imagenet_meta_dir / "ILSVRC2012_validation_ground_truth.txt").read_text()
-    labels = layouts.ground_truth_labels(gt, id_to_wnid, index)
+    labels = ground_truth_labels(gt, id_to_wnid, index)
     caffe = [int(line.split()[1]) for line in (imagenet_meta_dir / "val.txt").open()]
     assert len(labels) == 50000 and labels == caffe
 
@@ -153,7 +158,7 @@ def test_ilsvrc2010_meta_mat(ilsvrc2010_devkit_dir):
     assert ids[1] == "n07711080" and "french fries" in names["n07711080"]
     gt = (ilsvrc2010_devkit_dir / "ILSVRC2010_validation_ground_truth.txt").read_text()
     index = {w: i for i, w in enumerate(sorted(ids.values()))}
-    labels = layouts.ground_truth_labels(gt, ids, index)
+    labels = ground_truth_labels(gt, ids, index)
     assert len(labels) == 50000 and np.bincount(labels).tolist() == [50] * 1000
 
 

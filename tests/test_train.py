@@ -16,7 +16,8 @@ from PIL import Image
 
 import train
 from model import AlexNet, recipe
-from runtime import UsageError
+from rundir import Progress
+from runtime import Rank, UsageError
 from tests.conftest import REPO
 from tests.shardkit import write_data
 
@@ -192,24 +193,39 @@ def test_defaults_are_the_papers_recipe_and_the_demo_preset_yields_to_explicit_o
         train.main(["--data=/nonexistent/shards"])
 
 
+def test_each_rank_trains_on_its_own_part_of_every_global_batch(tmp_path):
+    """train.py's loaders on two ranks: per step, disjoint halves that together are the one-rank batch."""
+    # One training image per class: a label names the sample it came with.
+    data = write_data(tmp_path / "data", {"train": smooth_images(8, 8), "val": smooth_images(2, 8, seed=1)},
+                      shard_size=3)
+    cfg = train.TrainConfig(data=str(data), batch_size=4, num_threads=1, reader_workers=0, device="cpu")
+
+    def labels_per_step(rank: int, world_size: int) -> list[list[int]]:
+        where = Rank(rank, world_size, 1, torch.device("cpu"))
+        setup = train.Setup(cfg, where, train.training_numerics(cfg, where.device), run=None, num_classes=8,
+                            inference={}, dataset={}, origin=None)
+        loader, _ = train.make_loaders(setup, Progress())
+        return [labels.tolist() for _, labels in loader]
+
+    whole, first, second = labels_per_step(0, 1), labels_per_step(0, 2), labels_per_step(1, 2)
+    assert len(whole) == len(first) == len(second) == 2
+    for batch, mine, theirs in zip(whole, first, second):
+        assert len(mine) == len(theirs) == 2 and not set(mine) & set(theirs)
+        assert mine + theirs == batch
+    assert sorted(sum(whole, [])) == list(range(8))
+
+
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_train_on_disjoint_data(tmp_path):
-    # One training image per class: the labels a rank trained on name the samples it read.
+def test_torchrun_two_cpu_ranks_validate_every_sample_once(tmp_path):
     data = write_data(tmp_path / "data", {"train": smooth_images(8, 8), "val": smooth_images(5, 8, seed=1)},
                       shard_size=3)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--",
-         f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--log_labels", "--num_threads=1",
-         "--device=cpu", "--log_interval=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+         f"--data={data}", f"--run={run}", "--batch_size=4", "--epochs=1", "--num_threads=1", "--device=cpu",
+         "--log_interval=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    # Searched, not split into lines: rank 0's progress lines, written in parts, may enclose another rank's line.
-    seen = {int(rank): json.loads(labels)
-            for rank, labels in re.findall(r"labels rank (\d+) epoch 1: (\[[\d, ]*\])", result.stdout)}
-    assert sorted(seen) == [0, 1]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(8))
     epoch = [r for r in metrics(run) if "epoch" in r]
     assert epoch[0]["val_samples"] == 5  # 3 + 2 over the ranks, none twice, none padded
     assert [r["step"] for r in metrics(run) if "epoch" not in r] == [1, 2]  # 2 steps of 2 images per rank
@@ -316,3 +332,62 @@ def test_resume_on_another_number_of_ranks_continues_the_same_batches(data, tmp_
         assert torch.allclose(ours[key], theirs[key], rtol=1e-4, atol=1e-6), key
     (expected,), (got,) = ([r for r in metrics(x) if "epoch" in r] for x in (reference, run))
     assert got["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-4)
+
+
+def test_log_rows_carry_step_time_data_wait_and_eta(reference):
+    rows = metrics(reference)
+    steps, epochs = [r for r in rows if "epoch" not in r], [r for r in rows if "epoch" in r]
+    for r in steps + epochs:
+        assert 0 <= r["data_wait_s"] <= r["step_time_s"] and 0 <= r["data_wait_share"] <= 1, r
+        assert r["data_wait_share"] == pytest.approx(r["data_wait_s"] / r["step_time_s"])
+        assert "peak_gpu_mem_gib" not in r  # on a GPU only
+    for r in steps:  # one step of 4 images per interval
+        assert r["images_per_s"] * r["step_time_s"] == pytest.approx(4)
+    # 2 epochs of 3 steps: the steps left after each interval, at that interval's pace
+    left_in_epoch, left_in_run = [2, 1, 0, 2, 1, 0], [5, 4, 3, 2, 1, 0]
+    for r, epoch_left, run_left in zip(steps, left_in_epoch, left_in_run):
+        assert r["eta_epoch_s"] == pytest.approx(epoch_left * r["step_time_s"])
+        assert r["eta_run_s"] == pytest.approx(run_left * r["step_time_s"])
+    first, last = epochs
+    assert first["val_time_s"] > 0
+    assert first["eta_run_s"] == pytest.approx(3 * first["step_time_s"] + first["val_time_s"])
+    assert last["eta_run_s"] == 0
+
+
+def test_tensorboard_holds_the_rows_and_progress_is_plain_lines_in_a_file(data, tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoard is an optional extra: make setup TB=1")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    result = run_train(f"--data={data}", f"--run={run}", *QUICK, "--epochs=1", "--tensorboard",
+                       "--progress_interval", "0")
+    assert result.returncode == 0, result.stderr
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    rows = metrics(run)
+    for key in ("loss", "lr", "images_per_s", "data_wait_s", "data_wait_share", "step_time_s"):
+        scalars = events.Scalars(f"interval/{key}")
+        assert [(s.step, s.value) for s in scalars] == [(r["step"], pytest.approx(r[key])) for r in rows[:-1]], key
+    for key in ("train_loss", "train_top1_err", "val_top1_err", "val_top5_err", "images_per_s", "data_wait_share"):
+        assert [(s.step, s.value) for s in events.Scalars(f"epoch/{key}")] == [(3, pytest.approx(rows[-1][key]))]
+    # Not a terminal: a plain line per update (interval 0 s), never a carriage-return frame.
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert [" ".join(line.split("[")[0].split()) for line in lines if line.startswith("epoch 1/1:")] == [
+        "epoch 1/1: 33% 1/3", "epoch 1/1: 67% 2/3", "epoch 1/1: 100% 3/3"]
+    assert any(line.startswith("validation:") for line in lines)
+    assert re.search(r"epoch 1 step 3: loss \S+, lr 0.01, \S+ images/s, step \S+ s, data wait \S+ s \(\d+%\), "
+                     r"ETA epoch 0:00, run 0:00", result.stdout), result.stdout
+
+
+def test_the_readme_options_table_lists_every_option():
+    import dataclasses
+    table = (REPO / "README.md").read_text().split("### train.py options", 1)[1].split("\n#", 1)[0]
+    missing = [f.name for f in dataclasses.fields(train.TrainConfig) if f"| `--{f.name}` |" not in table]
+    assert not missing, f"README.md's train.py options table lacks {missing}"
+
+
+def test_the_demo_preset_yields_to_options_in_every_spelling():
+    cfg = train.resolve_config(["--preset", "demo", "--epochs", "3", "--no-channels_last", "--lr=0.002"])
+    assert (cfg.epochs, cfg.channels_last, cfg.lr, cfg.batch_size) == (3, False, 0.002, train.DEMO["batch_size"])
+    with pytest.raises(UsageError, match=r"unknown option --epoch \(did you mean --epochs\?\)"):
+        train.resolve_config(["--preset=demo", "--epoch=3"])
