@@ -98,20 +98,27 @@ class RunDirectory:
         """The checkpoint kept at the end of `epoch` (counted from 1)."""
         return self.path / f"epoch-{epoch:03d}.pt"
 
-    def start(self, cfg, resumed_step: int | None) -> None:
+    def start(self, cfg, resumed_step: int | None, known_bad: list[dict] = ()) -> list[Path]:
         """Write config.json; keep the metrics rows up to the checkpoint's step (none when starting over): rows after
-        it were written by a run that crashed before its next checkpoint."""
+        it were written by a run that crashed before its next checkpoint. Starting over, remove the previous run's
+        checkpoints (all but `cfg.init`) and bad samples; resuming, list `known_bad` (bad_samples rows) in
+        bad_samples.jsonl. The checkpoints removed."""
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.json")
         if self.metrics.exists():
             rows = [] if resumed_step is None else read_rows(self.metrics)
             self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resumed_step))
+        removed = []
         if resumed_step is None:  # starting over: the samples are found again if they are still bad
             self.bad_samples.unlink(missing_ok=True)
+            removed = self.remove_checkpoints(keep=Path(cfg.init).resolve() if cfg.init else None)
+        elif known_bad:
+            self.list_bad_samples(known_bad)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # The same cut for TensorBoard: it hides the events from the step given on (all when starting over).
             self.writer = SummaryWriter(self.path / "tb", purge_step=0 if resumed_step is None else resumed_step + 1)
+        return removed
 
     def log(self, row: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -123,21 +130,40 @@ class RunDirectory:
                     self.writer.add_scalar(f"{kind}/{key}", value, row["step"])
             self.writer.flush()  # a row at a time, as metrics.jsonl: a run killed later loses none
 
+    def remove_checkpoints(self, keep: Path | None) -> list[Path]:
+        """Remove checkpoint.pt, best.pt and epoch-NNN.pt, except `keep`: a new run must not resume, or be chosen
+        from, a previous run's files. Those removed."""
+        removed = []
+        for path in [self.checkpoint, self.best, *sorted(self.path.glob("epoch-[0-9][0-9][0-9]*.pt"))]:
+            if path.is_file() and path.resolve() != keep:
+                path.unlink()
+                removed.append(path)
+        return removed
+
     def log_bad_samples(self, rows: list[dict]) -> None:
         """Append the rows (faults.BadSample.as_row) of samples not listed yet: ranks may meet the same one."""
-        listed = {(r["split"], r["sample"]) for r in self._bad_sample_rows()}
+        listed = {(r["split"], r["sample"]) for r in bad_sample_rows(self.bad_samples)}
         with open(self.bad_samples, "a") as f:
             for row in rows:
                 if (row["split"], row["sample"]) not in listed:
                     listed.add((row["split"], row["sample"]))
                     f.write(json.dumps(row) + "\n")
 
-    def read_bad_samples(self, split: str = "train") -> dict[int, str]:
-        """{sample number: key} of the bad samples listed for `split`."""
-        return {r["sample"]: r["key"] for r in self._bad_sample_rows() if r["split"] == split}
+    def list_bad_samples(self, rows: list[dict]) -> None:
+        """bad_samples.jsonl rewritten whole (other ranks may be reading it) with the `rows` not listed yet."""
+        listed = bad_sample_rows(self.bad_samples)
+        seen = {(r["split"], r["sample"]) for r in listed}
+        new = [r for r in rows if (r["split"], r["sample"]) not in seen]
+        if new:
+            write_atomically(self.bad_samples, "".join(json.dumps(r) + "\n" for r in listed + new).encode())
 
-    def _bad_sample_rows(self) -> list[dict]:
-        return read_rows(self.bad_samples) if self.bad_samples.exists() else []
+    def known_bad_samples(self, start: Path) -> list[dict]:
+        """The bad samples a run resuming from the checkpoint `start` replaces from its start: those listed here
+        and, for a checkpoint of another run directory (--resume=PATH), those listed there."""
+        rows = bad_sample_rows(self.bad_samples)
+        if start.resolve().parent != self.path.resolve():
+            rows += bad_sample_rows(start.parent / self.bad_samples.name)
+        return rows
 
     def draw_curves(self) -> None:
         plot_curves(self.metrics, self.path / "curves.png")
@@ -175,6 +201,16 @@ def write_whole(path: Path, state: dict) -> None:
     except OSError as e:
         e.filename = str(path)
         raise
+
+
+def bad_sample_rows(path: Path) -> list[dict]:
+    """The rows of a bad_samples.jsonl (split, sample, key, ...); none when there is no such file."""
+    return read_rows(path) if path.exists() else []
+
+
+def known_bad_in(rows: list[dict], split: str = "train") -> dict[int, str]:
+    """{sample number: key} of the bad samples of `split` among `rows`."""
+    return {r["sample"]: r["key"] for r in rows if r["split"] == split}
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -9,7 +9,9 @@
 Options: `--key=value` or `--key value`; true/false ones as `--compile` / `--no-compile`; `--help` lists them by group.
 torchrun needs the `--`: its parser also reads the script's arguments and stops at `--run`, an ambiguous abbreviation
 of its `--run-path` (nothing in train.py can change torchrun's parser; renaming --run would break existing commands).
-Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end; --resume=false starts over).
+Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end); --resume=false starts over and
+removes the previous run's checkpoint.pt, best.pt and epoch-NNN.pt from RUN (a crash before the new run's first save
+would otherwise leave a rerun resuming the old run).
 
 Checkpoints: RUN/checkpoint.pt (the last, resumable), RUN/best.pt (weights only: the epoch of the lowest centre-crop
 val top-1 error so far) and, with --keep_every=K, RUN/epoch-NNN.pt every K epochs (resumable). Each carries the class
@@ -57,7 +59,7 @@ from model.recipe import (DropOnPlateau, Numerics, build_model, make_optimizer, 
 from pipeline import DataError, dataset_identity, read_manifest
 from pipeline.data import CROP, SIZE, read_stats
 from progress import LoaderWait, StepTiming, duration, eta_s, pace, progress_bar
-from rundir import EpochSums, Progress, RunDirectory, resume_path
+from rundir import EpochSums, Progress, RunDirectory, known_bad_in, resume_path
 from runtime import (EXIT_BAD_SAMPLE, NO_SPACE, Rank, UsageError, all_sum, check_option, derived_seed, join_ranks,
                      leave_ranks, limit_threads, run_main, stop_signals, topk_correct, usage_errors)
 
@@ -565,9 +567,13 @@ def fit(cfg: TrainConfig, rank: Rank, inference: dict, dataset: dict, received: 
             note = start_from_weights(network.raw, cfg.init, inference["classes"])
         if rank.is_main:
             print(note, flush=True)
+    known_bad = run.known_bad_samples(start[0]) if start else []
     if rank.is_main:
-        run.start(cfg, progress.step if checkpoint else None)
-    train, val = make_loaders(setup, progress, run.read_bad_samples() if checkpoint else None)
+        removed = run.start(cfg, progress.step if checkpoint else None, known_bad)
+        if removed:
+            print(f"starting over in {run.path}: removed the previous run's {', '.join(p.name for p in removed)}",
+                  flush=True)
+    train, val = make_loaders(setup, progress, known_bad_in(known_bad) if checkpoint else None)
     steps = train.order.steps_per_epoch
     if rank.is_main:
         print(f"training on {rank.world_size} x {rank.device.type} ({cfg.batch_size // rank.world_size} images per "

@@ -1,6 +1,7 @@
 """The trained network leaving train.py: best.pt, kept epochs, --resume=PATH, --init=PATH, changed options on resume,
 and the safetensors export that model.load_exported reads."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -115,6 +116,19 @@ def test_a_new_lr_on_resume_takes_effect_from_the_resumed_step_and_is_said(linea
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epoch" not in r]
     assert [(r["step"], r["lr"]) for r in steps] == [(2, 0.005)]
     assert [g["lr"] for g in load(run / "checkpoint.pt")["optimizer"]["param_groups"]] == [0.005, 0.005]
+
+
+def test_starting_over_removes_the_previous_runs_checkpoints_but_not_the_init_weights(lineage, data, tmp_path,
+                                                                                       capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lineage, run)
+    assert call_main(f"--data={data}", f"--run={run}", "--resume=false", f"--init={run / 'best.pt'}", "--epochs=1",
+                     *QUICK) == 0
+    out = capsys.readouterr().out
+    assert f"starting over in {run}: removed the previous run's checkpoint.pt, epoch-001.pt, epoch-002.pt" in out, out
+    assert not list(run.glob("epoch-*.pt"))
+    assert load(run / "checkpoint.pt")["epoch"] == 1 and load(run / "best.pt")["epoch"] == 1  # the new run's
+    assert len(epoch_rows(run)) == 1
 
 
 @pytest.mark.parametrize("case, words", [

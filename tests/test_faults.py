@@ -138,19 +138,24 @@ def test_the_skip_policy_replaces_the_sample_lists_it_and_a_resumed_run_knows_it
     jpeg = flip_entropy_byte(data, flipped)
     assert SingleDecoder().failure(np.frombuffer(jpeg, np.uint8)) == ""
     run = tmp_path / "run"
-    args = [f"--data={data}", f"--run={run}", *QUICK, "--max_steps_per_epoch=3", "--bad_samples=skip"]
-    result = run_cmd("train.py", *args, "--epochs=1")
+    args = [f"--data={data}", *QUICK, "--max_steps_per_epoch=3", "--bad_samples=skip"]
+    result = run_cmd("train.py", *args, f"--run={run}", "--epochs=1")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
     assert [(r["sample"], r["shard"], r["key"], r["split"], r["epoch"]) for r in rows] == [
         (bad, shard, f"train_{bad:08d}", "train", 1)]
     assert rows[0]["step"] == step_of(bad, 0) + 1
-    result = run_cmd("train.py", *args, "--epochs=2")  # resumes at epoch 2, where the sample comes again
-    assert result.returncode == 0, result.stderr
-    epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if "epoch" in r]
-    assert [r["bad_samples"] for r in epochs] == [1, 0]  # epoch 2 replaced it from the start, without a failure
-    assert len((run / "bad_samples.jsonl").read_text().splitlines()) == 1
+    # Epoch 2, where the sample comes again, resumed into another directory (--resume=PATH) and in the same one:
+    # each replaces it from the start, without a failure, and lists it once.
+    branch = tmp_path / "branch"
+    branched = [f"--run={branch}", f"--resume={run / 'checkpoint.pt'}"]
+    for where, extra, expected in ((branch, branched, [0]), (run, [f"--run={run}"], [1, 0])):
+        result = run_cmd("train.py", *args, *extra, "--epochs=2")
+        assert result.returncode == 0, result.stderr
+        epochs = [r for r in map(json.loads, (where / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
+        assert [r["bad_samples"] for r in epochs] == expected
+        assert (where / "bad_samples.jsonl").read_text() == (run / "bad_samples.jsonl").read_text()
+        assert len((where / "bad_samples.jsonl").read_text().splitlines()) == 1
 
 
 @pytest.mark.slow
