@@ -30,6 +30,7 @@ import os
 import resource
 import signal
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,30 +90,77 @@ def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
 
 def index_rows(number: int, idx: str) -> np.ndarray:
     """The TABLE_ROW of every sample listed in one DALI index, the shard's `number` in the split."""
-    start, jpeg_size, label_at, pos_at = [], [], [], []
     with open(idx, "rb") as f:
-        for line_number, line in enumerate(f, 1):
-            try:
-                if line_number == 1:
-                    version, _ = parse_index_header(line)
-                    continue
-                members = {ext: (offset, size) for ext, offset, size in parse_index_line(line, version)}
-            except ValueError as e:
-                raise ValueError(f"{idx}: line {line_number}: {e}") from None
-            try:
-                (jpg, size), label, pos = members["jpg"], members["label"], members["pos"]
-            except KeyError as e:
-                raise ValueError(f"{idx}: a sample without a .{e.args[0]} member") from None
-            if not jpg < label[0] < pos[0]:  # one read covers a sample: .jpg first, .pos last (FORMAT.md)
-                raise ValueError(f"{idx}: a sample's members are not in the order .jpg .cls .label .pos")
-            start.append(jpg)
-            jpeg_size.append(size)
-            label_at.append(label[0] - jpg)
-            pos_at.append(pos[0] - jpg)
-    rows = np.empty(len(start), TABLE_ROW)
-    rows["shard"], rows["start"], rows["jpeg_size"] = number, start, jpeg_size
-    rows["label_at"], rows["pos_at"] = label_at, pos_at
+        header, body = f.readline(), f.read()
+    try:
+        version, _ = parse_index_header(header)
+    except ValueError as e:
+        raise ValueError(f"{idx}: line 1: {e}") from None
+    rows = uniform_index_rows(body, version)
+    if rows is None:  # lines of different layouts, or something wrong: the line loop names the line
+        rows = index_rows_by_line(idx, body.splitlines(), version)
+    rows["shard"] = number
     rows["span"] = rows["pos_at"] + 4
+    return rows
+
+
+def uniform_index_rows(body: bytes, version: str) -> np.ndarray | None:
+    """TABLE_ROWs of an index body whose lines all list the same members in the same order (what `shards build`
+    writes), parsed column by column: about 4x faster than line by line (docs/PERFORMANCE.md). None where that
+    does not hold, or where a field or the members' order is wrong."""
+    lines, fields = body.count(b"\n") + (not body.endswith(b"\n") and bool(body)), body.split()
+    step = 4 if version == "v1.2" else 3
+    width = len(fields) // lines if lines else 0
+    if not width or width % step or width * lines != len(fields):
+        return None
+    exts = fields[0:width:step]
+    at = {ext.decode(): j for j, ext in zip(range(0, width, step), exts)}
+    if len(at) != len(exts) or not {"jpg", "label", "pos"} <= at.keys():
+        return None
+    if any(fields[j::width].count(ext) != lines for j, ext in zip(range(0, width, step), exts)):
+        return None  # a line with other members, or a line break inside a member's name
+    numbers = {j: integers(fields[j::width], lines) for j in range(width) if j % step in (1, 2)}  # offsets, sizes
+    if any(column is None for column in numbers.values()):
+        return None
+    start, jpeg_size, label, pos = (numbers[j] for j in (at["jpg"] + 1, at["jpg"] + 2, at["label"] + 1, at["pos"] + 1))
+    if not ((start < label) & (label < pos)).all():
+        return None
+    rows = np.zeros(lines, TABLE_ROW)
+    rows["start"], rows["jpeg_size"], rows["label_at"], rows["pos_at"] = start, jpeg_size, label - start, pos - start
+    return rows
+
+
+def integers(fields: list[bytes], count: int) -> np.ndarray | None:
+    """`fields` as int64; None unless they are `count` decimal integers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns, and stops, at the first field that is not an integer
+        try:
+            column = np.fromstring(b" ".join(fields), dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            return None
+    return column if len(column) == count else None
+
+
+def index_rows_by_line(idx: str, lines: list[bytes], version: str) -> np.ndarray:
+    """TABLE_ROWs parsed line by line; ValueError naming the index and the line where one is not a sample's."""
+    start, jpeg_size, label_at, pos_at = [], [], [], []
+    for line_number, line in enumerate(lines, 2):
+        try:
+            members = {ext: (offset, size) for ext, offset, size in parse_index_line(line, version)}
+        except ValueError as e:
+            raise ValueError(f"{idx}: line {line_number}: {e}") from None
+        try:
+            (jpg, size), label, pos = members["jpg"], members["label"], members["pos"]
+        except KeyError as e:
+            raise ValueError(f"{idx}: a sample without a .{e.args[0]} member") from None
+        if not jpg < label[0] < pos[0]:  # one read covers a sample: .jpg first, .pos last (FORMAT.md)
+            raise ValueError(f"{idx}: a sample's members are not in the order .jpg .cls .label .pos")
+        start.append(jpg)
+        jpeg_size.append(size)
+        label_at.append(label[0] - jpg)
+        pos_at.append(pos[0] - jpg)
+    rows = np.zeros(len(start), TABLE_ROW)
+    rows["start"], rows["jpeg_size"], rows["label_at"], rows["pos_at"] = start, jpeg_size, label_at, pos_at
     return rows
 
 

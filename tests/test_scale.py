@@ -160,6 +160,28 @@ def test_sample_table_is_cached_beside_the_indexes_and_shared_by_name(small):
     assert load_table(split.tars, split.indexes).cache != first.cache
 
 
+def test_index_parsing_by_column_equals_parsing_by_line_and_falls_back_to_it(small, tmp_path):
+    idx = read_split(small, "train").indexes[0]
+    header, body = open(idx, "rb").read().split(b"\n", 1)
+    lines, version = body.splitlines(), header.split()[0].decode()
+    by_line = order_module.index_rows_by_line(idx, lines, version)
+    assert np.array_equal(order_module.uniform_index_rows(body, version), by_line)
+    fields = lines[1].split()
+    reordered = b" ".join(fields[4:8] + fields[:4] + fields[8:])  # .cls listed before .jpg: still a sample
+    shortened = b" ".join(fields[:-1])  # a member without its name
+    for changed, error in ((reordered, None), (lines[1].replace(b" 4 ", b" 4x ", 1), "line 3: invalid literal"),
+                           (shortened, "line 3: 15 fields, not 4 per member")):
+        body_changed = b"\n".join([lines[0], changed, *lines[2:]]) + b"\n"
+        assert order_module.uniform_index_rows(body_changed, version) is None
+        path = tmp_path / "changed.idx"
+        path.write_bytes(header + b"\n" + body_changed)
+        if error is None:
+            assert np.array_equal(order_module.index_rows(0, str(path)), order_module.index_rows(0, idx))
+        else:
+            with pytest.raises(ValueError, match=error):
+                order_module.index_rows(0, str(path))
+
+
 @pytest.mark.slow
 def test_reader_workers_do_not_import_torch_even_from_a_script_without_a_main_guard(small, tmp_path):
     """train.py imports torch at its top; a spawned worker would run that again, ~250 MB each."""
