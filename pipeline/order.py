@@ -84,8 +84,12 @@ TABLE_ROW = np.dtype([("shard", "<i4"), ("start", "<i8"), ("jpeg_size", "<i4"), 
 
 def read_table(tars: list[str], indexes: list[str]) -> SampleTable:
     """The sample table of a split from its DALI index files (text: `<ext> <offset> <size> [<name>]` per member)."""
-    rows = np.concatenate([index_rows(number, idx) for number, idx in enumerate(indexes)])
-    return SampleTable.of_rows(tars, rows)
+    return SampleTable.of_rows(tars, split_rows(indexes))
+
+
+def split_rows(indexes: list[str]) -> np.ndarray:
+    """The TABLE_ROWs of every sample of a split, from its index files."""
+    return np.concatenate([index_rows(number, idx) for number, idx in enumerate(indexes)])
 
 
 def index_rows(number: int, idx: str) -> np.ndarray:
@@ -171,25 +175,18 @@ def load_table(tars: list[str], indexes: list[str]) -> SampleTable:
     is parsed again. Where the cache cannot be written (a read-only directory) or mapped (some FUSE mounts), the
     table is parsed into this process's memory, as `read_table` does.
     """
-    cache, table = table_cache_path(indexes), None
+    cache, rows = table_cache_path(indexes), None
     if not cache.exists():
-        table = read_table(tars, indexes)
+        rows = split_rows(indexes)
         try:
-            save_table(table, cache)
+            with atomic_path(cache) as tmp, open(tmp, "wb") as f:
+                np.save(f, rows)
         except OSError:
-            return table
+            return SampleTable.of_rows(tars, rows)
     try:
         return open_table(tars, str(cache))
     except OSError:
-        return table or read_table(tars, indexes)
-
-
-def save_table(table: SampleTable, cache: Path) -> None:
-    rows = np.empty(len(table), TABLE_ROW)
-    for name in TABLE_ROW.names:
-        rows[name] = getattr(table, name)
-    with atomic_path(cache) as tmp, open(tmp, "wb") as f:
-        np.save(f, rows)
+        return SampleTable.of_rows(tars, split_rows(indexes) if rows is None else rows)
 
 
 def table_cache_path(indexes: list[str]) -> Path:

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -158,6 +159,23 @@ def test_sample_table_is_cached_beside_the_indexes_and_shared_by_name(small):
     idx = split.indexes[2]
     os.utime(idx, ns=(time.time_ns(), time.time_ns() + 10**9))  # a rewritten index: parsed again
     assert load_table(split.tars, split.indexes).cache != first.cache
+
+
+def test_a_table_cache_that_cannot_be_written_leaves_the_table_in_memory(small, tmp_path, monkeypatch):
+    split = read_split(small, "train")
+    indexes = []
+    for idx in split.indexes:  # a copy of the indexes, so that no cache is there yet
+        indexes.append(str(tmp_path / os.path.basename(idx)))
+        shutil.copyfile(idx, indexes[-1])
+
+    def read_only(path):
+        raise PermissionError(13, "Read-only file system", str(path))
+    monkeypatch.setattr(order_module, "atomic_path", read_only)
+    table = load_table(split.tars, indexes)
+    assert table.cache is None and not list(tmp_path.glob("*.npy"))
+    parsed = read_table(split.tars, split.indexes)
+    for name in ("shard", "start", "jpeg_size", "label_at", "pos_at", "span"):
+        assert np.array_equal(getattr(parsed, name), getattr(table, name)), name
 
 
 def test_index_parsing_by_column_equals_parsing_by_line_and_falls_back_to_it(small, tmp_path):
