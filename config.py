@@ -86,10 +86,11 @@ def default_of(f: dataclasses.Field):
 
 
 def option_with_default(f: dataclasses.Field, kind) -> str:
-    """The option as written to get its default: `--lr=0.01`, and `--compile` or `--no-compile` for a flag."""
+    """The option with its default: `--lr=0.01`, and `--compile (on)` or `--compile (off)` for a flag (its
+    comment says what it does when on)."""
     default = default_of(f)
     if kind is bool:
-        return f"--{f.name}" if default else f"--no-{f.name}"
+        return f"--{f.name} ({'on' if default else 'off'})"
     return f"--{f.name}={default}"
 
 
@@ -104,7 +105,7 @@ def help_text(cls, description: str | None, width: int | None = None) -> str:
     widths = [len(option) for rows in groups.values() for option, _ in rows]
     column = max([w for w in widths if w <= HELP_COLUMN_MAX] or [HELP_COLUMN_MAX]) + 4  # longer ones wrap
     lines = [description.strip(), ""] if description else []
-    lines.append("options, each shown with its default (--key=value or --key value; true/false: --key, --no-key):")
+    lines.append("options, each shown with its default (--key=value or --key value; on/off: --key, --no-key):")
     named = [g for g in groups if g != UNGROUPED] + ([UNGROUPED] if UNGROUPED in groups and len(groups) > 1 else [])
     for group in named or list(groups):
         if named:

@@ -1,4 +1,4 @@
-"""Ten-crop evaluation of a checkpoint written by train.py, next to the paper's numbers.
+r"""Ten-crop evaluation of a checkpoint written by train.py, next to the paper's numbers.
 
     python eval.py --data=data/sample --checkpoint=runs/demo/checkpoint.pt
     torchrun --nproc_per_node=8 eval.py --data=/scratch/imagenet-shards --checkpoint=runs/alexnet/checkpoint.pt \
@@ -72,14 +72,22 @@ def error_percent(correct: int, n: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def load_model(path: Path, num_classes: int, device: torch.device) -> AlexNet:
+def load_model(path: Path, classes: list[dict], device: torch.device) -> AlexNet:
+    """The network of a train.py checkpoint, refused unless it was trained on `classes` (the shards' list)."""
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
     with usage_errors():
         checkpoint = load_checkpoint(path)  # refuses a file that would run code when loaded
+    num_classes = len(classes)
     if checkpoint.get("num_classes") != num_classes:
         raise UsageError(f"checkpoint {path} has {checkpoint.get('num_classes')} classes but the shards have "
                          f"{num_classes}")
+    trained = [c["wnid"] for c in checkpoint.get("classes", classes)]  # older checkpoints carry no list
+    differ = [(a, c["wnid"]) for a, c in zip(trained, classes) if a != c["wnid"]]
+    if differ:
+        raise UsageError(f"checkpoint {path} was trained on other classes than the shards': {len(differ)} of "
+                         f"{num_classes} differ (class {trained.index(differ[0][0])}: {differ[0][0]} there, "
+                         f"{differ[0][1]} here), so its scores would be meaningless")
     model = AlexNet(num_classes=num_classes)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -197,7 +205,7 @@ def main(argv):
         raise UsageError(f"--batch_size={cfg.batch_size} does not split evenly over {rank.world_size} ranks")
     numerics = recipe.numerics(rank.device, cfg.dtype)  # as in train.py: --dtype=float32 means float32, no TF32
     limit_threads(rank.cpus)
-    model = load_model(checkpoint_path, len(manifest["classes"]), rank.device)
+    model = load_model(checkpoint_path, manifest["classes"], rank.device)
 
     start = time.perf_counter()
     result = {"split": cfg.split, "checkpoint": str(checkpoint_path), "world_size": rank.world_size}

@@ -18,6 +18,7 @@ Folders are searched recursively for files ending in one of IMAGE_SUFFIXES.
 """
 import json
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,7 @@ import torch
 from config import parse_config
 from model import recipe
 from model.export import Inference, Preprocessing, read_inference
-from runtime import UsageError, available_cpus, limit_threads, run_main, usage_errors
+from runtime import UsageError, available_cpus, limit_threads, run_main, usage_errors, why_no_gpu
 from shards.image import Rejected, decoded_pixels, prepare
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a folder is searched for
@@ -131,9 +132,22 @@ def predict(inference: Inference, files: list[Path], cfg: PredictConfig, numeric
 
 
 def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(--key=value options, files and folders)."""
-    options = [a for a in argv if a.startswith("--")]
-    return options, [a for a in argv if not a.startswith("--")]
+    """(options, files and folders): `--key=value`, `--key value` (a value follows every option but the on/off
+    ones), `--flag`, `--no-flag` and `-h`; after `--`, files only (a file named like an option)."""
+    kinds = typing.get_type_hints(PredictConfig)
+    options, files, args = [], [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--":
+            return options, files + args
+        if arg == "-h" or arg.startswith("--"):
+            options.append(arg)
+            name = arg[2:].replace("-", "_")
+            if "=" not in arg and kinds.get(name, bool) is not bool and args:
+                options.append(args.pop(0))  # its value
+        else:
+            files.append(arg)
+    return options, files
 
 
 def main(argv: list[str]) -> None:
@@ -146,7 +160,7 @@ def main(argv: list[str]) -> None:
     limit_threads(available_cpus())
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device=cuda but no CUDA GPU is visible")
+        raise UsageError(f"--device=cuda but torch sees no CUDA GPU: {why_no_gpu()}")
     numerics = recipe.numerics(torch.device("cuda" if cuda else "cpu"))  # float32, no TF32
     with usage_errors():
         inference = read_inference(cfg.checkpoint)

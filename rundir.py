@@ -78,6 +78,9 @@ class RunDirectory:
         if resume.lower() in FALSE_WORDS:
             return None
         if not resume_path(resume):
+            if not own and resume.lower() in TRUE_WORDS:  # asked for explicitly: never a new run instead
+                raise FileNotFoundError(f"--resume={resume}: there is no {self.checkpoint} to continue from (auto "
+                                        "starts a new run when there is none)")
             return (own, load_checkpoint(own)) if own else None
         path = Path(resume)
         if not path.is_file():
@@ -98,26 +101,35 @@ class RunDirectory:
         """The checkpoint kept at the end of `epoch` (counted from 1)."""
         return self.path / f"epoch-{epoch:03d}.pt"
 
-    def start(self, cfg, resumed_step: int | None, known_bad: list[dict] = ()) -> list[Path]:
-        """Write config.json; keep the metrics rows up to the checkpoint's step (none when starting over): rows after
-        it were written by a run that crashed before its next checkpoint. Starting over, remove the previous run's
-        checkpoints (all but `cfg.init`) and bad samples; resuming, list `known_bad` (bad_samples rows) in
-        bad_samples.jsonl. The checkpoints removed."""
+    def start(self, cfg, start: tuple[Path, dict] | None) -> list[Path]:
+        """Write config.json and make this directory hold the line of checkpoints the run continues: that of `start`
+        (the checkpoint it resumes from, or None for a new run). The checkpoints of another line removed.
+
+        Continuing RUN/checkpoint.pt: the metrics rows after its step go (a run that crashed before its next
+        checkpoint wrote them). Any other start (a new run, or --resume=PATH) begins a new line here: the previous
+        checkpoint.pt, best.pt and epoch-NNN.pt go (all but the start's file and `cfg.init`), so that nothing of
+        another line is resumed, exported or plotted; the metrics rows and bad samples are those of the start's
+        directory up to its step (none for a new run)."""
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.json")
-        if self.metrics.exists():
-            rows = [] if resumed_step is None else read_rows(self.metrics)
-            self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= resumed_step))
+        source, step = (start[0].parent, start[1]["step"]) if start else (None, -1)
+        rows = [r for r in rows_of(source / self.metrics.name) if r["step"] <= step] if source else []
+        bad = rows_of(source / self.bad_samples.name) if source else []
         removed = []
-        if resumed_step is None:  # starting over: the samples are found again if they are still bad
+        if not start or start[0] != self.checkpoint:
+            keep = {Path(path).resolve() for path in (cfg.init, start and start[0]) if path}
+            removed = self.remove_checkpoints(keep)
+            if self.tensorboard:
+                shutil.rmtree(self.path / "tb", ignore_errors=True)  # another line's events
+        write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        if bad:  # other ranks may be reading it: replaced whole
+            write_atomically(self.bad_samples, "".join(json.dumps(r) + "\n" for r in bad).encode())
+        else:
             self.bad_samples.unlink(missing_ok=True)
-            removed = self.remove_checkpoints(keep=Path(cfg.init).resolve() if cfg.init else None)
-        elif known_bad:
-            self.list_bad_samples(known_bad)
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            # The same cut for TensorBoard: it hides the events from the step given on (all when starting over).
-            self.writer = SummaryWriter(self.path / "tb", purge_step=0 if resumed_step is None else resumed_step + 1)
+            # The same cut for TensorBoard: it hides the events from the step given on.
+            self.writer = SummaryWriter(self.path / "tb", purge_step=step + 1)
         return removed
 
     def log(self, row: dict) -> None:
@@ -130,40 +142,29 @@ class RunDirectory:
                     self.writer.add_scalar(f"{kind}/{key}", value, row["step"])
             self.writer.flush()  # a row at a time, as metrics.jsonl: a run killed later loses none
 
-    def remove_checkpoints(self, keep: Path | None) -> list[Path]:
-        """Remove checkpoint.pt, best.pt and epoch-NNN.pt, except `keep`: a new run must not resume, or be chosen
-        from, a previous run's files. Those removed."""
+    def remove_checkpoints(self, keep: set[Path]) -> list[Path]:
+        """Remove checkpoint.pt, best.pt and epoch-NNN.pt, except those in `keep` (resolved): a new line must not
+        resume, or be chosen from, another line's files. Those removed."""
         removed = []
         for path in [self.checkpoint, self.best, *sorted(self.path.glob("epoch-[0-9][0-9][0-9]*.pt"))]:
-            if path.is_file() and path.resolve() != keep:
+            if path.is_file() and path.resolve() not in keep:
                 path.unlink()
                 removed.append(path)
         return removed
 
     def log_bad_samples(self, rows: list[dict]) -> None:
         """Append the rows (faults.BadSample.as_row) of samples not listed yet: ranks may meet the same one."""
-        listed = {(r["split"], r["sample"]) for r in bad_sample_rows(self.bad_samples)}
+        listed = {(r["split"], r["sample"]) for r in rows_of(self.bad_samples)}
         with open(self.bad_samples, "a") as f:
             for row in rows:
                 if (row["split"], row["sample"]) not in listed:
                     listed.add((row["split"], row["sample"]))
                     f.write(json.dumps(row) + "\n")
 
-    def list_bad_samples(self, rows: list[dict]) -> None:
-        """bad_samples.jsonl rewritten whole (other ranks may be reading it) with the `rows` not listed yet."""
-        listed = bad_sample_rows(self.bad_samples)
-        seen = {(r["split"], r["sample"]) for r in listed}
-        new = [r for r in rows if (r["split"], r["sample"]) not in seen]
-        if new:
-            write_atomically(self.bad_samples, "".join(json.dumps(r) + "\n" for r in listed + new).encode())
-
     def known_bad_samples(self, start: Path) -> list[dict]:
-        """The bad samples a run resuming from the checkpoint `start` replaces from its start: those listed here
-        and, for a checkpoint of another run directory (--resume=PATH), those listed there."""
-        rows = bad_sample_rows(self.bad_samples)
-        if start.resolve().parent != self.path.resolve():
-            rows += bad_sample_rows(start.parent / self.bad_samples.name)
-        return rows
+        """The bad samples a run resuming from the checkpoint `start` replaces from its start: those listed beside
+        it (in this directory, or in another's for --resume=PATH)."""
+        return rows_of(start.parent / self.bad_samples.name)
 
     def draw_curves(self) -> None:
         plot_curves(self.metrics, self.path / "curves.png")
@@ -203,8 +204,8 @@ def write_whole(path: Path, state: dict) -> None:
         raise
 
 
-def bad_sample_rows(path: Path) -> list[dict]:
-    """The rows of a bad_samples.jsonl (split, sample, key, ...); none when there is no such file."""
+def rows_of(path: Path) -> list[dict]:
+    """read_rows, or none when there is no such file."""
     return read_rows(path) if path.exists() else []
 
 

@@ -9,9 +9,9 @@
 Options: `--key=value` or `--key value`; true/false ones as `--compile` / `--no-compile`; `--help` lists them by group.
 torchrun needs the `--`: its parser also reads the script's arguments and stops at `--run`, an ambiguous abbreviation
 of its `--run-path` (nothing in train.py can change torchrun's parser; renaming --run would break existing commands).
-Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end); --resume=false starts over and
-removes the previous run's checkpoint.pt, best.pt and epoch-NNN.pt from RUN (a crash before the new run's first save
-would otherwise leave a rerun resuming the old run).
+Rerunning a command continues from RUN/checkpoint.pt (written at each epoch end). A run that does not continue it
+(--resume=false, or --resume=PATH) removes the run RUN held before, once its data is found: checkpoint.pt, best.pt and
+epoch-NNN.pt (not PATH or --init's file), its metrics rows and bad samples, so that no file there mixes two runs.
 
 Checkpoints: RUN/checkpoint.pt (the last, resumable), RUN/best.pt (weights only: the epoch of the lowest centre-crop
 val top-1 error so far) and, with --keep_every=K, RUN/epoch-NNN.pt every K epochs (resumable). Each carries the class
@@ -69,7 +69,7 @@ class TrainConfig:
     # --- data ---
     data: str = "data/sample"  # shard directory written by `python -m shards build`
     lighting: float = 0.1  # std of the PCA lighting coefficients (0: off)
-    mean: Literal["pixel", "channel"] = "pixel"  # subtract the per-pixel mean image (the paper) or the RGB mean
+    mean: Literal["pixel", "channel"] = "pixel"  # pixel: subtract the mean image (the paper); channel: the RGB mean
     bad_samples: Literal["stop", "skip"] = "stop"  # a JPEG that does not decode: stop (exit 65), or skip: replace it
     # --- schedule ---
     epochs: int = 90  # passes over the training set
@@ -106,7 +106,7 @@ class TrainConfig:
     def __post_init__(self):  # ranges, checked when parsed: not at the first batch, inside a worker
         for name, ok, expected in (
                 ("epochs", self.epochs >= 1, "at least 1"), ("batch_size", self.batch_size >= 1, "at least 1"),
-                ("lr", self.lr > 0, "> 0"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+                ("lr", 0 < self.lr < math.inf, "> 0 and finite"), ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
                 ("weight_decay", self.weight_decay >= 0, ">= 0"), ("lr_patience", self.lr_patience >= 1, ">= 1"),
                 ("max_lr_drops", self.max_lr_drops >= 0, ">= 0"), ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
                 ("lighting", self.lighting >= 0, ">= 0 (0: off)"), ("num_threads", self.num_threads >= 0, ">= 0"),
@@ -116,7 +116,9 @@ class TrainConfig:
                 ("max_steps_per_epoch", self.max_steps_per_epoch >= 0, ">= 0 (0: whole epochs)"),
                 ("keep_every", self.keep_every >= 0, ">= 0 (0: none)"),
                 ("progress_interval", self.progress_interval >= 0, ">= 0 seconds (0: a line at every update)"),
-                ("seed", 0 <= self.seed < 2**63, "an integer in [0, 2^63)")):
+                ("seed", 0 <= self.seed < 2**63, "an integer in [0, 2^63)"),
+                ("data", self.data.strip() != "", "a shard directory"),
+                ("run", self.run.strip() != "", "a run directory ('.' for the current one)")):
             check_option(name, getattr(self, name), ok, expected)
 
 
@@ -567,13 +569,12 @@ def fit(cfg: TrainConfig, rank: Rank, inference: dict, dataset: dict, received: 
             note = start_from_weights(network.raw, cfg.init, inference["classes"])
         if rank.is_main:
             print(note, flush=True)
-    known_bad = run.known_bad_samples(start[0]) if start else []
-    if rank.is_main:
-        removed = run.start(cfg, progress.step if checkpoint else None, known_bad)
+    train, val = make_loaders(setup, progress, known_bad_in(run.known_bad_samples(start[0])) if start else None)
+    if rank.is_main:  # once the data is known to be there: a run that cannot start removes nothing
+        removed = run.start(cfg, start)
         if removed:
-            print(f"starting over in {run.path}: removed the previous run's {', '.join(p.name for p in removed)}",
-                  flush=True)
-    train, val = make_loaders(setup, progress, known_bad_in(known_bad) if checkpoint else None)
+            print(f"removed from {run.path} the checkpoints of the run it held before: "
+                  f"{', '.join(p.name for p in removed)}", flush=True)
     steps = train.order.steps_per_epoch
     if rank.is_main:
         print(f"training on {rank.world_size} x {rank.device.type} ({cfg.batch_size // rank.world_size} images per "

@@ -124,8 +124,9 @@ def test_help_is_grouped_in_aligned_columns(capsys):
     headings = [line for line in lines if line.endswith(":") and " " not in line]
     assert headings == ["data:", "schedule:", "other:"]  # in the order of the source; ungrouped fields last
     rows = {line.split()[0]: line for line in lines if line.startswith("  --")}
-    assert set(rows) == {"--no-verbose", "--data=data/sample", "--max_steps_per_epoch=0", "--epochs=90", "--compile"}
-    comments = {"--no-verbose": "print more", "--data=data/sample": "shard directory",
+    assert set(rows) == {"--verbose", "--data=data/sample", "--max_steps_per_epoch=0", "--epochs=90", "--compile"}
+    assert "--verbose (off)" in rows["--verbose"] and "--compile (on)" in rows["--compile"]
+    comments = {"--verbose": "print more", "--data=data/sample": "shard directory",
                 "--max_steps_per_epoch=0": "a long option", "--epochs=90": "passes over", "--compile": "torch.compile"}
     columns = {rows[option].index(comment) for option, comment in comments.items()}
     assert len(columns) == 1  # every comment starts in the same column, whatever the default's length
@@ -136,7 +137,7 @@ def test_help_without_groups_lists_every_field(capsys):
     with pytest.raises(SystemExit):
         parse_config(Example, ["-h"])
     out = capsys.readouterr().out
-    assert "other:" not in out and "--no-compile" in out and "--device=cpu" in out
+    assert "other:" not in out and "--compile (off)" in out and "--device=cpu" in out
 
 
 def test_train_help_groups_every_option_and_fits_the_width():

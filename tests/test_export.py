@@ -84,7 +84,11 @@ def test_best_pt_holds_the_weights_of_the_epoch_with_the_lowest_val_error(lineag
     assert not {"optimizer", "scheduler", "rng"} & best.keys()  # weights only
     assert_same_weights(best["model"], load(lineage / f"epoch-{best_epoch:03d}.pt")["model"])
     assert (lineage / "best.pt").stat().st_size < 0.55 * (lineage / "checkpoint.pt").stat().st_size
-    evaluation.load_model(lineage / "best.pt", 4, torch.device("cpu"))  # eval.py reads it
+    classes = best["classes"]
+    evaluation.load_model(lineage / "best.pt", classes, torch.device("cpu"))  # eval.py reads it
+    other = [*classes[:-1], {**classes[-1], "wnid": "n99999999"}]
+    with pytest.raises(UsageError, match=r"trained on other classes than the shards': 1 of 4 differ \(class 3: "):
+        evaluation.load_model(lineage / "best.pt", other, torch.device("cpu"))
 
 
 def test_keep_every_keeps_each_epochs_resumable_checkpoint(lineage):
@@ -114,7 +118,7 @@ def test_a_new_lr_on_resume_takes_effect_from_the_resumed_step_and_is_said(linea
     out = capsys.readouterr().out
     assert "--lr 0.01 -> 0.005" in out and "in effect from step 2" in out, out
     steps = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "epoch" not in r]
-    assert [(r["step"], r["lr"]) for r in steps] == [(2, 0.005)]
+    assert [(r["step"], r["lr"]) for r in steps] == [(1, 0.01), (2, 0.005)]  # the source's row, then the new lr
     assert [g["lr"] for g in load(run / "checkpoint.pt")["optimizer"]["param_groups"]] == [0.005, 0.005]
 
 
@@ -125,10 +129,29 @@ def test_starting_over_removes_the_previous_runs_checkpoints_but_not_the_init_we
     assert call_main(f"--data={data}", f"--run={run}", "--resume=false", f"--init={run / 'best.pt'}", "--epochs=1",
                      *QUICK) == 0
     out = capsys.readouterr().out
-    assert f"starting over in {run}: removed the previous run's checkpoint.pt, epoch-001.pt, epoch-002.pt" in out, out
+    assert f"removed from {run} the checkpoints of the run it held before: checkpoint.pt, epoch-001.pt, " \
+           "epoch-002.pt" in out, out
     assert not list(run.glob("epoch-*.pt"))
     assert load(run / "checkpoint.pt")["epoch"] == 1 and load(run / "best.pt")["epoch"] == 1  # the new run's
     assert len(epoch_rows(run)) == 1
+
+
+@pytest.mark.slow
+def test_resume_from_a_path_into_a_directory_of_another_run_replaces_that_run(lineage, data, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(lineage, run)  # a run of its own in RUN: its checkpoints and rows must not mix with the branch
+    (run / "bad_samples.jsonl").write_text('{"split": "train", "sample": 3, "key": "train_00000003"}\n')
+    source = lineage / "epoch-001.pt"
+    assert call_main(f"--data={data}", f"--run={run}", f"--resume={source}", "--epochs=2", *QUICK) == 0
+    assert "the checkpoints of the run it held before: checkpoint.pt, best.pt, epoch-001.pt, epoch-002.pt" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in run.glob("*.pt")) == ["best.pt", "checkpoint.pt"] or \
+        sorted(p.name for p in run.glob("*.pt")) == ["checkpoint.pt"]  # best.pt only if epoch 2 beat epoch 1
+    assert_same_weights(load(run / "checkpoint.pt")["model"], load(lineage / "epoch-002.pt")["model"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(line) for line in (lineage / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["step"] <= 1] + rows[-2:]  # the source's rows to its step, then the branch's
+    assert not (run / "bad_samples.jsonl").exists()  # the stale list was RUN's, not the source's
 
 
 @pytest.mark.parametrize("case, words", [
@@ -199,6 +222,8 @@ def test_which_checkpoint_resume_continues_from(tmp_path):
     elsewhere.parent.mkdir()
     torch.save({"model": {}, "epoch": 30}, elsewhere)
     assert run.resume_from("auto") is None and run.resume_from(str(elsewhere))[0] == elsewhere
+    with pytest.raises(FileNotFoundError, match="there is no .*checkpoint.pt to continue from"):
+        run.resume_from("true")  # asked for: never a new run instead
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         run.resume_from(str(tmp_path / "none.pt"))
     run.path.mkdir()

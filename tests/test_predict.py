@@ -169,3 +169,10 @@ def test_usage_errors_are_one_line(sample, tmp_path, problem, words):
     with pytest.raises(UsageError) as error:  # run_main prints it as one line `error: ...`, exit status 2
         predict.main([f"--checkpoint={checkpoint}", "--device=cpu", *files])
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_options_take_their_value_either_way_and_files_are_the_rest():
+    argv = ["--checkpoint", "a.pt", "--top=2", "x.jpg", "--json", "--crops", "center", "photos/", "--", "--odd.jpg"]
+    assert predict.split_arguments(argv) == (
+        ["--checkpoint", "a.pt", "--top=2", "--json", "--crops", "center"], ["x.jpg", "photos/", "--odd.jpg"])
+    assert predict.split_arguments(["-h"]) == (["-h"], [])
