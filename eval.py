@@ -27,7 +27,7 @@ import pipeline
 from pipeline import DataError
 from progress import progress_bar
 from runtime import (EXIT_BAD_SAMPLE, TOP_K, Rank, UsageError, check_option, join_ranks, leave_ranks, limit_threads,
-                     load_checkpoint, run_main, shard_path, topk_correct, usage_errors)
+                     load_checkpoint, not_a_file, run_main, shard_path, topk_correct, usage_errors)
 from shardformat import read_manifest
 
 # The paper's single-network results (top-1 %, top-5 %): Table 1 and §6.
@@ -75,7 +75,7 @@ def error_percent(correct: int, n: int) -> float:
 def load_model(path: Path, classes: list[dict], device: torch.device) -> AlexNet:
     """The network of a train.py checkpoint, refused unless it was trained on `classes` (the shards' list)."""
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {not_a_file(path)}")
     with usage_errors():
         checkpoint = load_checkpoint(path)  # refuses a file that would run code when loaded
     num_classes = len(classes)

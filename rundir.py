@@ -85,7 +85,7 @@ class RunDirectory:
         path = Path(resume)
         if not path.is_file():
             raise FileNotFoundError(f"--resume={resume}: no such checkpoint (auto: RUN/checkpoint.pt when there is "
-                                    "one; false: start over)")
+                                    "one)")
         if own:
             checkpoint = load_checkpoint(own)
             if own.resolve() == path.resolve() or checkpoint.get("origin") == str(path.resolve()):

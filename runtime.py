@@ -292,6 +292,11 @@ def shard_path(data: str | os.PathLike, file) -> Path:
     return path
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file: it is a folder, or it does not exist."""
+    return f"{path} is a folder, not a file" if Path(path).is_dir() else f"{path} does not exist"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint written by train.py, on the CPU; ValueError with a one-line reason when it is refused or damaged.
 

@@ -216,7 +216,8 @@ def inference_metadata(cfg: TrainConfig, manifest: dict) -> dict:
                             jpeg_quality=manifest["params"]["quality"], size=SIZE, crop=CROP)
 
 
-START_OPTIONS = ("resume", "init")  # how a run starts, not what it is: never compared with the saved run's
+# How a run starts, where it writes and how it reports, not what it computes: never compared with the saved run's.
+START_OPTIONS = ("resume", "init", "run", "keep_every", "log_interval", "progress_interval", "tensorboard")
 
 
 def changed_options(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:
@@ -576,7 +577,10 @@ def fit(cfg: TrainConfig, rank: Rank, inference: dict, dataset: dict, received: 
             print(f"removed from {run.path} the checkpoints of the run it held before: "
                   f"{', '.join(p.name for p in removed)}", flush=True)
     steps = train.order.steps_per_epoch
-    if rank.is_main:
+    if rank.is_main and progress.epoch >= cfg.epochs:
+        print(f"{start[0]} has {progress.epoch} epochs done (--epochs={cfg.epochs}): nothing to train; "
+              "validating it", flush=True)
+    elif rank.is_main:
         print(f"training on {rank.world_size} x {rank.device.type} ({cfg.batch_size // rank.world_size} images per "
               f"rank per step), {num_classes} classes, epochs {progress.epoch + 1}..{cfg.epochs}, "
               f"lr {network.optimizer.param_groups[0]['lr']:g}")

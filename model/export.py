@@ -37,7 +37,7 @@ from safetensors.torch import save
 
 from config import parse_config
 from model import AlexNet
-from runtime import UsageError, atomic_path, load_checkpoint, run_main, usage_errors, write_atomically
+from runtime import UsageError, atomic_path, load_checkpoint, not_a_file, run_main, usage_errors, write_atomically
 
 FORMAT = "alexnet-krizhevsky2012/1"  # the exported file's layout; a reader refuses any other
 ARCHITECTURE = ("AlexNet of Krizhevsky, Sutskever & Hinton (NIPS 2012) as in model/__init__.py: two towers "
@@ -153,7 +153,7 @@ def read_inference(path: str | Path) -> Inference:
     weights only); ValueError with a one-line reason when the file is none of these."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(not_a_file(path))
     return read_exported(path) if path.suffix == ".safetensors" else checkpoint_inference(load_checkpoint(path), path)
 
 
@@ -161,7 +161,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[dict] 
     """(state dict, class list or None) of an exported file or a checkpoint: the weights --init starts from."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(not_a_file(path))
     if path.suffix == ".safetensors":
         classes = exported_metadata(path)["classes"]
         tensors = read_exported_tensors(path)
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> None:
     if source.suffix == ".safetensors" or out.suffix != ".safetensors":
         raise UsageError(f"--checkpoint={source} --out={out}: exports a checkpoint of train.py to a .safetensors file")
     if not source.is_file():
-        raise UsageError(f"checkpoint {source} does not exist")
+        raise UsageError(f"checkpoint {not_a_file(source)}")
     with usage_errors():
         checkpoint = load_checkpoint(source)
         inference = checkpoint_inference(checkpoint, source)
