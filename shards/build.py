@@ -261,6 +261,9 @@ def check_config(cfg: BuildConfig) -> None:
     """A ValueError naming the option when `cfg` describes no build."""
     if not cfg.raw or not cfg.out:
         raise ValueError("both --raw=DIR (ImageNet) and --out=DIR (where the shards go) are required")
+    raw, out = Path(cfg.raw).resolve(), Path(cfg.out).resolve()
+    if out == raw or raw in out.parents:  # the shards would become inputs of the next build from RAW
+        raise ValueError(f"--out={cfg.out} lies inside --raw={cfg.raw}: write the shards elsewhere")
     if cfg.shard_size < 1:
         raise ValueError(f"--shard_size={cfg.shard_size}: must be at least 1")
     if not 1 <= cfg.quality <= 100:

@@ -184,6 +184,19 @@ def test_rerun_with_other_parameters_is_refused(reference):
         build.build(build.BuildConfig(raw=str(raw), out=str(single), shard_size=3, workers=1, seed=7))
 
 
+def test_every_image_rejected_or_shards_inside_raw_are_one_line_errors(tmp_path):
+    raw = tmp_path / "raw"
+    for wnid in ("n01", "n02"):
+        (raw / "train" / wnid).mkdir(parents=True)
+        (raw / "train" / wnid / f"{wnid}_0.JPEG").write_text("not a JPEG")
+    result = run_cli("build", f"--raw={raw}", f"--out={tmp_path / 'out'}", "--workers=1", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "every training image was rejected (train/n01/n01_0.JPEG: not an image" in result.stderr.splitlines()[-1]
+    result = run_cli("build", f"--raw={raw}", f"--out={raw / 'shards'}", check=False)
+    assert result.returncode == 2 and result.stderr.strip().endswith("lies inside --raw=" + str(raw) +
+                                                                     ": write the shards elsewhere"), result.stderr
+
+
 @pytest.mark.slow
 def test_killed_build_resumes_to_identical_bytes(reference, tmp_path):
     raw, single = reference
