@@ -145,15 +145,14 @@ def test_the_skip_policy_replaces_the_sample_lists_it_and_a_resumed_run_knows_it
     assert [(r["sample"], r["shard"], r["key"], r["split"], r["epoch"]) for r in rows] == [
         (bad, shard, f"train_{bad:08d}", "train", 1)]
     assert rows[0]["step"] == step_of(bad, 0) + 1
-    # Epoch 2, where the sample comes again, resumed into another directory (--resume=PATH) and in the same one:
-    # each replaces it from the start, without a failure, and lists it once.
+    # Epoch 2, where the sample comes again, resumed into another directory (--resume=PATH, which carries PATH's
+    # rows) and in the same one: each replaces it from the start, without a failure, and lists it once.
     branch = tmp_path / "branch"
-    branched = [f"--run={branch}", f"--resume={run / 'checkpoint.pt'}"]
-    for where, extra, expected in ((branch, branched, [0]), (run, [f"--run={run}"], [1, 0])):
-        result = run_cmd("train.py", *args, *extra, "--epochs=2")
+    for where, extra in ((branch, [f"--resume={run / 'checkpoint.pt'}"]), (run, [])):
+        result = run_cmd("train.py", *args, f"--run={where}", *extra, "--epochs=2")
         assert result.returncode == 0, result.stderr
         epochs = [r for r in map(json.loads, (where / "metrics.jsonl").read_text().splitlines()) if "epoch" in r]
-        assert [r["bad_samples"] for r in epochs] == expected
+        assert [r["bad_samples"] for r in epochs] == [1, 0]
         assert (where / "bad_samples.jsonl").read_text() == (run / "bad_samples.jsonl").read_text()
         assert len((where / "bad_samples.jsonl").read_text().splitlines()) == 1
 
