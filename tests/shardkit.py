@@ -227,3 +227,18 @@ def tree_bytes(data: Path) -> dict[str, bytes]:
     """Every file a build leaves in DATA (not its working files in .build), by relative path: to compare builds."""
     return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
             if p.is_file() and BUILD_DIR not in p.parts}
+
+
+def shard_files(data: Path) -> dict[str, bytes]:
+    """{path under DATA: bytes} of every shard and index."""
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.glob("*/*")) if p.suffix in (".tar", ".idx")}
+
+
+def assert_same_shard_set(data: Path, reference: Path) -> None:
+    """The same manifest, shards, indexes and statistics, byte for byte."""
+    assert (data / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
+    assert shard_files(data) == shard_files(reference)
+    with np.load(data / "stats.npz") as a, np.load(reference / "stats.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -20,6 +20,7 @@ from PIL import Image
 
 from shards import stage as shards_stage
 from tests.conftest import REPO
+from tests.shardkit import assert_same_shard_set, shard_files
 
 STUBS = REPO / "tests" / "stubs"
 SLURM = REPO / "slurm"
@@ -84,10 +85,6 @@ def run_script(script: str, env: dict, timeout: float = 300) -> subprocess.Compl
     return result
 
 
-def shard_files(data: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.glob("*/*")) if p.suffix in (".tar", ".idx")}
-
-
 # --- shellcheck ----------------------------------------------------------------------------------------------------
 
 def test_job_scripts_pass_shellcheck():
@@ -142,13 +139,7 @@ def test_array_tasks_write_disjoint_shards(built):
 
 
 def test_merge_equals_a_single_process_build(built):
-    array, single = built["array"], built["single"]
-    assert (array / "manifest.json").read_bytes() == (single / "manifest.json").read_bytes()
-    assert shard_files(array) == shard_files(single)
-    with np.load(array / "stats.npz") as a, np.load(single / "stats.npz") as b:
-        assert sorted(a.files) == sorted(b.files)
-        for name in a.files:
-            np.testing.assert_array_equal(a[name], b[name])
+    assert_same_shard_set(built["array"], built["single"])
 
 
 def test_array_script_refuses_a_plain_job(tmp_path):

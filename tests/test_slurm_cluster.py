@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.shardkit import assert_same_shard_set, shard_files
 
 SLURM = REPO / "slurm"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -241,19 +241,6 @@ def sample_shards(sample_raw, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "shards", "build", f"--raw={sample_raw}", f"--out={data}",
                     f"--shard_size={SHARD_SIZE}"], cwd=REPO, check=True, capture_output=True)
     return data
-
-
-def shard_files(data: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.glob("*/*")) if p.suffix in (".tar", ".idx")}
-
-
-def assert_same_shard_set(data: Path, reference: Path) -> None:
-    assert (data / "manifest.json").read_bytes() == (reference / "manifest.json").read_bytes()
-    assert shard_files(data) == shard_files(reference)
-    with np.load(data / "stats.npz") as a, np.load(reference / "stats.npz") as b:
-        assert sorted(a.files) == sorted(b.files)
-        for name in a.files:
-            np.testing.assert_array_equal(a[name], b[name])
 
 
 # --- shards: the array and the merge -------------------------------------------------------------------------------
