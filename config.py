@@ -129,19 +129,26 @@ def unknown_option(key: str, known: set[str]) -> UsageError:
     return UsageError(f"unknown option --{key} ({hint})")
 
 
-def parse_overrides(cls, argv: list[str], description: str | None = None) -> dict:
+def parse_overrides(cls, argv: list[str], description: str | None = None, positional: list | None = None) -> dict:
     """The fields of `cls` that `argv` sets, converted to their types: {name: value}. `--help` prints the options
-    and exits."""
+    and exits. With a `positional` list, the words that are no option's value go there, and all after `--`; without,
+    such a word is a usage error and `--` is skipped."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     overrides, args = {}, list(argv)
     while args:
         arg = args.pop(0)
+        if arg == "--" and positional is not None:
+            positional += args
+            break
         if arg == "--":  # what separates a launcher's options (torchrun's) from ours, if it is passed on
             continue
         if arg in ("-h", "--help"):
             print(help_text(cls, description))
             sys.exit(0)
+        if not arg.startswith("--") and positional is not None:
+            positional.append(arg)
+            continue
         if not arg.startswith("--"):
             raise UsageError(f"unexpected argument {arg!r}: options are written --key=value or --key value "
                              "(see --help)")
@@ -154,7 +161,7 @@ def parse_overrides(cls, argv: list[str], description: str | None = None) -> dic
         if key not in known:
             raise unknown_option(arg[2:].partition("=")[0].replace("-", "_"), known)
         if not has_value and hints[key] is bool:
-            if args and not args[0].startswith("--"):
+            if args and not args[0].startswith("--") and positional is None:
                 raise UsageError(f"--{key} takes no separate value ({args[0]!r}): write --{key}, --no-{key} or "
                                  f"--{key}=true|false")
             text = "true"
@@ -166,10 +173,11 @@ def parse_overrides(cls, argv: list[str], description: str | None = None) -> dic
     return overrides
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
-    """Build `cls` from its defaults overridden by the options in `argv` (sys.argv[1:] when None). A UsageError
-    raised by the class itself (a range check in `__post_init__`) reaches the caller as it is."""
-    return cls(**parse_overrides(cls, sys.argv[1:] if argv is None else argv, description))
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None, positional: list | None = None):
+    """Build `cls` from its defaults overridden by the options in `argv` (sys.argv[1:] when None); `positional` as
+    in parse_overrides. A UsageError raised by the class itself (a range check in `__post_init__`) reaches the
+    caller as it is."""
+    return cls(**parse_overrides(cls, sys.argv[1:] if argv is None else argv, description, positional))
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -23,9 +23,10 @@ import torch.distributed as dist
 
 from config import parse_config, save_config
 from model import AlexNet, recipe
+from model.export import network_from
 import pipeline
 from pipeline import DataError
-from progress import progress_bar
+from progress import DEFAULT_INTERVAL_S, progress_bar
 from runtime import (EXIT_BAD_SAMPLE, TOP_K, Rank, UsageError, check_option, join_ranks, leave_ranks, limit_threads,
                      load_checkpoint, not_a_file, run_main, shard_path, topk_correct, usage_errors)
 from shardformat import read_manifest
@@ -49,7 +50,7 @@ class EvalConfig:
     num_threads: int = 0  # DALI CPU threads per rank (0: all this process may use)
     storage: Literal["local", "network"] = "local"  # where DATA lives: network = Lustre/GPFS/NFS (DALI I/O options)
     save_predictions: bool = False  # also write per-image top-5 predictions and per-class accuracy
-    progress_interval: float = 30.0  # seconds between progress lines when the output is a file, not a terminal
+    progress_interval: float = DEFAULT_INTERVAL_S  # seconds between progress lines when the output is not a terminal
 
     def __post_init__(self):  # ranges, checked when parsed
         check_option("batch_size", self.batch_size, self.batch_size >= 1, "at least 1")
@@ -83,17 +84,14 @@ def load_model(path: Path, classes: list[dict], device: torch.device) -> AlexNet
         raise UsageError(f"checkpoint {path} has {checkpoint.get('num_classes')} classes but the shards have "
                          f"{num_classes}")
     trained = [c["wnid"] for c in checkpoint.get("classes", classes)]  # older checkpoints carry no list
-    differ = [(a, c["wnid"]) for a, c in zip(trained, classes) if a != c["wnid"]]
+    differ = [(i, a, c["wnid"]) for i, (a, c) in enumerate(zip(trained, classes)) if a != c["wnid"]]
     if differ:
+        index, there, here = differ[0]
         raise UsageError(f"checkpoint {path} was trained on other classes than the shards': {len(differ)} of "
-                         f"{num_classes} differ (class {trained.index(differ[0][0])}: {differ[0][0]} there, "
-                         f"{differ[0][1]} here), so its scores would be meaningless")
-    model = AlexNet(num_classes=num_classes)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError) as e:
-        raise UsageError(f"checkpoint {path} holds another network ({' '.join(str(e).split())[:300]})") from None
-    return model.to(device).eval()
+                         f"{num_classes} differ (class {index}: {there} there, {here} here), so its scores would be "
+                         "meaningless")
+    with usage_errors():
+        return network_from(checkpoint["model"], num_classes, path).to(device)
 
 
 def split_keys(data: Path, manifest: dict, split: str) -> dict[int, str]:

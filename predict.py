@@ -18,7 +18,6 @@ Folders are searched recursively for files ending in one of IMAGE_SUFFIXES.
 """
 import json
 import sys
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,7 +28,7 @@ import torch
 from config import parse_config
 from model import recipe
 from model.export import Inference, Preprocessing, read_inference
-from runtime import UsageError, available_cpus, limit_threads, run_main, usage_errors, why_no_gpu
+from runtime import UsageError, available_cpus, check_option, limit_threads, run_main, usage_errors, why_no_gpu
 from shards.image import Rejected, decoded_pixels, prepare
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # what a folder is searched for
@@ -43,6 +42,10 @@ class PredictConfig:
     json: bool = False  # one JSON object per image and line instead of text
     batch_size: int = 8  # images per forward pass (each is ten patches with --crops=ten)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU when there is one (float32 either way)
+
+    def __post_init__(self):  # ranges, checked when parsed
+        check_option("top", self.top, self.top >= 1, "at least 1")
+        check_option("batch_size", self.batch_size, self.batch_size >= 1, "at least 1")
 
 
 @dataclass(frozen=True)
@@ -131,32 +134,11 @@ def predict(inference: Inference, files: list[Path], cfg: PredictConfig, numeric
     return failed
 
 
-def split_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(options, files and folders): `--key=value`, `--key value` (a value follows every option but the on/off
-    ones), `--flag`, `--no-flag` and `-h`; after `--`, files only (a file named like an option)."""
-    kinds = typing.get_type_hints(PredictConfig)
-    options, files, args = [], [], list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg == "--":
-            return options, files + args
-        if arg == "-h" or arg.startswith("--"):
-            options.append(arg)
-            name = arg[2:].replace("-", "_")
-            if "=" not in arg and kinds.get(name, bool) is not bool and args:
-                options.append(args.pop(0))  # its value
-        else:
-            files.append(arg)
-    return options, files
-
-
 def main(argv: list[str]) -> None:
-    options, arguments = split_arguments(argv)
-    cfg = parse_config(PredictConfig, options, description=__doc__)
+    arguments = []  # files and folders: the words that are no option's value, and all after `--`
+    cfg = parse_config(PredictConfig, argv, description=__doc__, positional=arguments)
     if not arguments:
         raise UsageError("no image files or folders given: python predict.py --checkpoint=... photo.jpg photos/")
-    if cfg.top < 1 or cfg.batch_size < 1:
-        raise UsageError(f"--top={cfg.top} --batch_size={cfg.batch_size}: both must be at least 1")
     limit_threads(available_cpus())
     cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -113,8 +113,10 @@ class StepTiming:
         self.seconds, self.wait_s, self.steps = self.seconds + seconds, self.wait_s + wait_s, self.steps + steps
 
     def per_step(self) -> dict:
-        return {"step_time_s": self.seconds / self.steps, "data_wait_s": self.wait_s / self.steps,
-                "data_wait_share": self.wait_s / self.seconds}
+        """pace's figures per step (step time, data wait and its share), without images/s."""
+        figures = pace(self.seconds, self.steps, 0, self.wait_s)
+        del figures["images_per_s"]
+        return figures
 
 
 def pace(seconds: float, steps: int, images: float, wait_s: float) -> dict:

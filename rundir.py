@@ -101,26 +101,24 @@ class RunDirectory:
         """The checkpoint kept at the end of `epoch` (counted from 1)."""
         return self.path / f"epoch-{epoch:03d}.pt"
 
-    def start(self, cfg, start: tuple[Path, dict] | None) -> list[Path]:
+    def start(self, cfg, start: tuple[Path, dict] | None, bad: list[dict]) -> list[Path]:
         """Write config.json and make this directory hold the line of checkpoints the run continues: that of `start`
         (the checkpoint it resumes from, or None for a new run). The checkpoints of another line removed.
 
         Continuing RUN/checkpoint.pt: the metrics rows after its step go (a run that crashed before its next
         checkpoint wrote them). Any other start (a new run, or --resume=PATH) begins a new line here: the previous
         checkpoint.pt, best.pt and epoch-NNN.pt go (all but the start's file and `cfg.init`), so that nothing of
-        another line is resumed, exported or plotted; the metrics rows and bad samples are those of the start's
-        directory up to its step (none for a new run)."""
+        another line is resumed, exported or plotted; the metrics rows are those of the start's directory up to its
+        step (none for a new run), and `bad` (known_bad_samples of the start) the bad samples listed."""
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / "config.json")
         source, step = (start[0].parent, start[1]["step"]) if start else (None, -1)
         rows = [r for r in rows_of(source / self.metrics.name) if r["step"] <= step] if source else []
-        bad = rows_of(source / self.bad_samples.name) if source else []
         removed = []
         if not start or start[0] != self.checkpoint:
             keep = {Path(path).resolve() for path in (cfg.init, start and start[0]) if path}
             removed = self.remove_checkpoints(keep)
-            if self.tensorboard:
-                shutil.rmtree(self.path / "tb", ignore_errors=True)  # another line's events
+            shutil.rmtree(self.path / "tb", ignore_errors=True)  # another line's events
         write_atomically(self.metrics, "".join(json.dumps(r) + "\n" for r in rows).encode())
         if bad:  # other ranks may be reading it: replaced whole
             write_atomically(self.bad_samples, "".join(json.dumps(r) + "\n" for r in bad).encode())

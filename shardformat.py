@@ -51,13 +51,18 @@ def parse_index_header(line: bytes) -> tuple[str, int]:
     return fields[0].decode(), int(fields[1])
 
 
+def fields_per_member(version: str) -> int:
+    """Fields of one member in an index line: `<ext> <offset> <size>`, and v1.2 adds the member's name."""
+    return 4 if version == "v1.2" else 3
+
+
 def parse_index_line(line: bytes, version: str) -> list[tuple[str, int, int]]:
     """One sample's members, as (ext, offset in the tar, size), from its line of an index of `version`.
 
     Each member is `<ext> <offset> <size>`; v1.2 adds the member's name. ValueError when the line is not that.
     """
     fields = line.split()
-    step = 4 if version == "v1.2" else 3
+    step = fields_per_member(version)
     if len(fields) % step:
         raise ValueError(f"{len(fields)} fields, not {step} per member")
     return [(fields[i].decode(), int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), step)]

@@ -58,7 +58,7 @@ from model.recipe import (DropOnPlateau, Numerics, build_model, make_optimizer, 
                           train_step)
 from pipeline import DataError, dataset_identity, read_manifest
 from pipeline.data import CROP, SIZE, read_stats
-from progress import LoaderWait, StepTiming, duration, eta_s, pace, progress_bar
+from progress import DEFAULT_INTERVAL_S, LoaderWait, StepTiming, duration, eta_s, pace, progress_bar
 from rundir import EpochSums, Progress, RunDirectory, known_bad_in, resume_path
 from runtime import (EXIT_BAD_SAMPLE, NO_SPACE, Rank, UsageError, all_sum, check_option, derived_seed, join_ranks,
                      leave_ranks, limit_threads, run_main, stop_signals, topk_correct, usage_errors)
@@ -100,7 +100,7 @@ class TrainConfig:
     resume: str = "auto"  # auto|true: from RUN/checkpoint.pt when there is one; false: start over; PATH: from that
     init: str = ""  # a new run starts from these weights (checkpoint or .safetensors; fc8 fresh for other classes)
     keep_every: int = 0  # also keep RUN/epoch-NNN.pt (resumable) every this many epochs (0: none)
-    progress_interval: float = 30.0  # seconds between progress lines when the output is a file, not a terminal
+    progress_interval: float = DEFAULT_INTERVAL_S  # seconds between progress lines when the output is not a terminal
     tensorboard: bool = False  # also write the metrics to RUN/tb/ for TensorBoard (`make setup TB=1` installs it)
 
     def __post_init__(self):  # ranges, checked when parsed: not at the first batch, inside a worker
@@ -570,9 +570,10 @@ def fit(cfg: TrainConfig, rank: Rank, inference: dict, dataset: dict, received: 
             note = start_from_weights(network.raw, cfg.init, inference["classes"])
         if rank.is_main:
             print(note, flush=True)
-    train, val = make_loaders(setup, progress, known_bad_in(run.known_bad_samples(start[0])) if start else None)
+    known_bad = run.known_bad_samples(start[0]) if start else []
+    train, val = make_loaders(setup, progress, known_bad_in(known_bad) if start else None)
     if rank.is_main:  # once the data is known to be there: a run that cannot start removes nothing
-        removed = run.start(cfg, start)
+        removed = run.start(cfg, start, known_bad)
         if removed:
             print(f"removed from {run.path} the checkpoints of the run it held before: "
                   f"{', '.join(p.name for p in removed)}", flush=True)

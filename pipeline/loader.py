@@ -324,7 +324,7 @@ def train_loader(data, batch_size: int, *, rank: int = 0, world_size: int = 1, s
     known = {s for s, key in (known_bad or {}).items() if 0 <= s < len(table) and sample_key(table, s) == key}
     # A failed step's samples are checked with those of the steps queued after it: DALI's `prefetch`, and the
     # batches reader workers prepare ahead (read_source's queue), whose reads may have failed first.
-    queued = reading.prefetch + (max(2, workers) if workers else 0)
+    queued = reading.prefetch + pipelines.source_queue_depth(workers)
     return TrainLoader(make_pipe, order, table, epoch=epoch, step=start_step, split=shards, output=output,
                        queued=queued, bad_samples=bad_samples, known_bad=known)
 

@@ -40,7 +40,7 @@ import numpy as np
 from pipeline.augment import Augment, TrainInputs
 from pipeline.data import rank_batch
 from runtime import atomic_path, limit_threads
-from shardformat import parse_index_header, parse_index_line
+from shardformat import fields_per_member, parse_index_header, parse_index_line
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
 DESCRIPTOR_MARGIN = 128  # open files left to the rest of a process that reads shards (DALI, CUDA, sockets)
@@ -112,8 +112,8 @@ def uniform_index_rows(body: bytes, version: str) -> np.ndarray | None:
     """TABLE_ROWs of an index body whose lines all list the same members in the same order (what `shards build`
     writes), parsed column by column: about 4x faster than line by line (docs/PERFORMANCE.md). None where that
     does not hold, or where a field or the members' order is wrong."""
-    lines, fields = body.count(b"\n") + (not body.endswith(b"\n") and bool(body)), body.split()
-    step = 4 if version == "v1.2" else 3
+    lines, fields = len(body.splitlines()), body.split()
+    step = fields_per_member(version)
     width = len(fields) // lines if lines else 0
     if not width or width % step or width * lines != len(fields):
         return None
@@ -129,9 +129,7 @@ def uniform_index_rows(body: bytes, version: str) -> np.ndarray | None:
     start, jpeg_size, label, pos = (numbers[j] for j in (at["jpg"] + 1, at["jpg"] + 2, at["label"] + 1, at["pos"] + 1))
     if not ((start < label) & (label < pos)).all():
         return None
-    rows = np.zeros(lines, TABLE_ROW)
-    rows["start"], rows["jpeg_size"], rows["label_at"], rows["pos_at"] = start, jpeg_size, label - start, pos - start
-    return rows
+    return table_rows(start, jpeg_size, label - start, pos - start)
 
 
 def integers(fields: list[bytes], count: int) -> np.ndarray | None:
@@ -163,6 +161,11 @@ def index_rows_by_line(idx: str, lines: list[bytes], version: str) -> np.ndarray
         jpeg_size.append(size)
         label_at.append(label[0] - jpg)
         pos_at.append(pos[0] - jpg)
+    return table_rows(start, jpeg_size, label_at, pos_at)
+
+
+def table_rows(start, jpeg_size, label_at, pos_at) -> np.ndarray:
+    """TABLE_ROWs of these columns; `shard` and `span` are index_rows' to fill."""
     rows = np.zeros(len(start), TABLE_ROW)
     rows["start"], rows["jpeg_size"], rows["label_at"], rows["pos_at"] = start, jpeg_size, label_at, pos_at
     return rows
@@ -272,7 +275,8 @@ class OpenShards:
         """Close up to `count` descriptors, the least recently used first, of shards no thread is reading."""
         if count <= 0:
             return
-        for shard in [s for s, (_, readers) in self._open.items() if readers == 0][:count]:
+        idle = (s for s, (_, readers) in self._open.items() if readers == 0)
+        for shard in list(itertools.islice(idle, count)):  # stops at the first idle ones: called per read at the limit
             os.close(self._open.pop(shard)[0])
 
     def close_all(self) -> None:

@@ -68,12 +68,17 @@ def read_source(source, reader_workers) -> augment.TrainInputs:
     """
     inputs = fields(augment.TrainInputs)
     # One batch is one task, and DALI keeps at most prefetch_queue_depth of them under way: at least one per worker.
-    parallel = dict(parallel=True, prefetch_queue_depth=max(2, reader_workers)) if reader_workers else {}
+    parallel = dict(parallel=True, prefetch_queue_depth=source_queue_depth(reader_workers)) if reader_workers else {}
     nodes = fn.external_source(
         source=source, num_outputs=len(inputs), batch=True, batch_info=True, no_copy=True,
         dtype=[types.to_dali_type(f.metadata["dtype"]) for f in inputs], ndim=[f.metadata["ndim"] for f in inputs],
         **parallel)
     return augment.TrainInputs(*nodes)
+
+
+def source_queue_depth(reader_workers: int) -> int:
+    """The batches DALI keeps under way in the source's worker processes (none without workers)."""
+    return max(2, reader_workers) if reader_workers else 0
 
 
 # nvJPEG settings for the GPU path, chosen for 256x256 JPEGs:

@@ -381,10 +381,12 @@ def merge(out: Path | str) -> dict:
                              f"{plan['splits'][name]['num_inputs']}")
     num_images = int(totals["num_images"])
     if num_images == 0:
-        first = next((x for x in rejected if x["split"] == "train"), None)
-        raise UsageError(f"{out}: every training image was rejected ({first['source']}: {first['reason']}"
-                         f"{', and the others' if len(rejected) > 1 else ''}); no statistics can be computed: check "
-                         "--raw" if first else f"{out}: no training images; no statistics can be computed")
+        train_rejected = [x for x in rejected if x["split"] == "train"]
+        if not train_rejected:
+            raise UsageError(f"{out}: no training images; no statistics can be computed")
+        first, others = train_rejected[0], ", and the others" if len(train_rejected) > 1 else ""
+        raise UsageError(f"{out}: every training image was rejected ({first['source']}: {first['reason']}{others}); "
+                         "no statistics can be computed: check --raw")
     num_pixels = num_images * image.SIZE * image.SIZE
     pixel_sum = totals["sum_image"].sum(axis=(0, 1), dtype=np.uint64)  # exact: integers summed as integers
     rgb_mean, eigval, eigvec = pca(pixel_sum, totals["pixel_outer"], num_pixels)

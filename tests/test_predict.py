@@ -14,6 +14,7 @@ from torch import nn
 import eval as evaluation
 import predict
 import train
+from config import parse_config
 from model import AlexNet
 from pipeline import Output, eval_loader, read_manifest
 from runtime import UsageError
@@ -173,6 +174,9 @@ def test_usage_errors_are_one_line(sample, tmp_path, problem, words):
 
 def test_options_take_their_value_either_way_and_files_are_the_rest():
     argv = ["--checkpoint", "a.pt", "--top=2", "x.jpg", "--json", "--crops", "center", "photos/", "--", "--odd.jpg"]
-    assert predict.split_arguments(argv) == (
-        ["--checkpoint", "a.pt", "--top=2", "--json", "--crops", "center"], ["x.jpg", "photos/", "--odd.jpg"])
-    assert predict.split_arguments(["-h"]) == (["-h"], [])
+    files = []
+    cfg = parse_config(predict.PredictConfig, argv, positional=files)
+    assert (cfg.checkpoint, cfg.top, cfg.json, cfg.crops) == ("a.pt", 2, True, "center")
+    assert files == ["x.jpg", "photos/", "--odd.jpg"]
+    with pytest.raises(UsageError, match=r"^--top=0: expected at least 1$"):
+        parse_config(predict.PredictConfig, ["--top=0"], positional=[])
